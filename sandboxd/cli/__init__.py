@@ -1,0 +1,1 @@
+"""Command-line entry points: `sandboxd` (daemon.py) and `sandboxctl` (ctl.py)."""

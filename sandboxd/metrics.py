@@ -1,0 +1,64 @@
+"""Every Prometheus series sandboxd exports, defined in one place (docs/metrics.md documents each).
+
+Labels are bounded: runner names come from configuration, outcomes and reasons from fixed enums; run ids and
+principals never appear. A private registry keeps tests (several daemons in one process) independent.
+"""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from . import __version__
+
+BUCKETS_FAST = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+BUCKETS_RUN = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+REJECT_REASONS = ("unauthenticated", "permission_denied", "queue_full", "rate_limited", "invalid")
+
+
+class Metrics:
+    def __init__(self):
+        r = self.registry = CollectorRegistry()
+        self.runs = Counter("sandboxd_runs", "Runs that reached an outcome.", ["runner", "outcome"], registry=r)
+        self.duration = Histogram("sandboxd_run_duration_seconds", "Wall time of the user's code.", ["runner"],
+                                  buckets=BUCKETS_RUN, registry=r)
+        self.setup = Histogram("sandboxd_sandbox_setup_seconds",
+                               "From request accepted until the user's code starts.", ["runner"],
+                               buckets=BUCKETS_FAST, registry=r)
+        self.queue_wait_s = Histogram("sandboxd_queue_wait_seconds", "Time a run waited for a slot.",
+                                      buckets=BUCKETS_FAST, registry=r)
+        self.active = Gauge("sandboxd_runs_active", "Runs holding a slot now.", registry=r)
+        self.queue_depth = Gauge("sandboxd_queue_depth", "Runs waiting for a slot now.", registry=r)
+        self.rejected_total = Counter("sandboxd_rejected", "Requests refused before running.", ["reason"],
+                                      registry=r)
+        self.output_bytes = Counter("sandboxd_output_bytes", "Bytes written by scripts.", ["stream"], registry=r)
+        self.cpu = Counter("sandboxd_run_cpu_seconds", "CPU time used by runs.", ["runner"], registry=r)
+        self.oom = Counter("sandboxd_oom_kills", "Processes OOM-killed inside runs.", registry=r)
+        self.reloads = Counter("sandboxd_config_reloads", "Configuration reloads.", ["result"], registry=r)
+        self.build = Gauge("sandboxd_build_info", "Version of the running daemon.", ["version"], registry=r)
+        self.build.labels(__version__).set(1)
+        for reason in REJECT_REASONS:
+            self.rejected_total.labels(reason)
+        for stream in ("stdout", "stderr"):
+            self.output_bytes.labels(stream)
+        for result in ("success", "failure"):
+            self.reloads.labels(result)
+
+    def rejected(self, reason: str) -> None:
+        # not_found / too_large / unavailable are all the caller's mistake: counted as "invalid".
+        self.rejected_total.labels(reason if reason in REJECT_REASONS else "invalid").inc()
+
+    def queue_wait(self, seconds: float) -> None:
+        self.queue_wait_s.observe(seconds)
+
+    def run_started(self, runner: str) -> None:
+        pass
+
+    def run_finished(self, runner: str, result) -> None:
+        self.runs.labels(runner, result.outcome.value).inc()
+        if result.setup_seconds is not None:
+            self.setup.labels(runner).observe(result.setup_seconds)
+            self.duration.labels(runner).observe(result.wall_seconds)
+        self.output_bytes.labels("stdout").inc(result.stdout_bytes)
+        self.output_bytes.labels("stderr").inc(result.stderr_bytes)
+        self.cpu.labels(runner).inc(result.cpu_seconds)
+        if result.oom_kills:
+            self.oom.inc(result.oom_kills)

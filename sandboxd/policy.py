@@ -1,0 +1,123 @@
+"""Plan: turn a validated request, its runner and the configuration into one immutable RunSpec.
+
+Pure logic, no I/O, daemon side. Limits resolve in one direction only: the request may lower the runner's
+defaults, never exceed the runner's maximum (which never exceeds the configuration's). The identity issue adds
+`authorize` here (principal -> Decision with ceilings); plan_run already takes the ceiling as a parameter.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass, field
+
+from .config import ENV_NAME_RE
+from .errors import InvalidRequest, NotFound, TooLarge, Unavailable
+from .runners import Runner
+from .sandbox.spec import File, ImageSpec, Limits, RunSpec, SeccompProgram
+
+MAX_ARGS = 1024
+MAX_FILES = 256
+MAX_PATH_DEPTH = 8
+RUNNER_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
+REQUEST_LIMITS = ("wall_time", "cpu_time", "memory", "pids", "output")
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    """What the caller asked for, already out of protobuf. Zero limits mean "the runner's default"."""
+
+    runner: str
+    code: bytes
+    args: tuple[str, ...] = ()
+    stdin: bytes = b""
+    env: tuple[tuple[str, str], ...] = ()
+    files: tuple[tuple[str, bytes], ...] = ()
+    limits: dict = field(default_factory=dict)   # subset of REQUEST_LIMITS -> value
+
+    @property
+    def size(self) -> int:
+        return (len(self.code) + len(self.stdin) + sum(len(a) for a in self.args)
+                + sum(len(k) + len(v) for k, v in self.env) + sum(len(p) + len(d) for p, d in self.files))
+
+
+def resolve_limits(requested: dict, runner: Runner, ceiling: Limits | None = None) -> Limits:
+    ceiling = ceiling or runner.max_limits
+    resolved = {}
+    for name in REQUEST_LIMITS:
+        value = requested.get(name) or 0
+        if isinstance(value, float) and not math.isfinite(value):
+            raise InvalidRequest(f"limits.{name}: expected a finite number, got {value}")
+        if value < 0:
+            raise InvalidRequest(f"limits.{name}: expected a positive value or 0 for the default, got {value}")
+        maximum = min(getattr(runner.max_limits, name), getattr(ceiling, name))
+        if value == 0:
+            resolved[name] = min(getattr(runner.default_limits, name), maximum)
+        elif value > maximum:
+            raise InvalidRequest(f"limits.{name}: {value} is above the maximum {maximum} for runner "
+                                 f"{runner.name!r} (a request can only lower limits)")
+        else:
+            resolved[name] = value
+    if resolved["memory"] < (4 << 20):
+        raise InvalidRequest(f"limits.memory: {resolved['memory']} bytes is too small to start anything "
+                             f"(minimum 4MiB)")
+    if resolved["wall_time"] < 0.001:
+        raise InvalidRequest("limits.wall_time: expected at least 1ms")
+    return dataclasses.replace(runner.default_limits, **resolved)
+
+
+def _check_path(path: str) -> str:
+    parts = path.split("/")
+    if (not path or path.startswith("/") or len(parts) > MAX_PATH_DEPTH or "\0" in path
+            or any(p in ("", ".", "..") or len(p.encode()) > 255 for p in parts)):
+        raise InvalidRequest(f"files: {path!r}: expected a relative path without '.', '..' or empty parts "
+                             f"(at most {MAX_PATH_DEPTH} levels)")
+    return path
+
+
+def plan_run(req: RunRequest, runners: dict[str, Runner], images: dict[str, ImageSpec],
+             seccomp: dict[str, SeccompProgram], run_id: str, max_request_bytes: int,
+             stop_on_output_limit: bool = True, ceiling: Limits | None = None) -> tuple[RunSpec, tuple[str, ...]]:
+    """Return the RunSpec (uid/gid still 0: the supervisor allocates them) and the env names dropped by the
+    runner's allowlist (recorded, not an error: the allowlist is a filter)."""
+    if not RUNNER_RE.match(req.runner):
+        raise InvalidRequest(f"runner: {req.runner!r} is not a valid runner name ([a-z0-9_.-], at most 64)")
+    runner = runners.get(req.runner)
+    if runner is None:
+        raise NotFound(f"runner: no runner named {req.runner!r} (available: {', '.join(sorted(runners))})")
+    if not runner.available:
+        raise Unavailable(f"runner {runner.name!r} cannot run here: {runner.unavailable_reason}")
+    if req.size > max_request_bytes:
+        raise TooLarge(f"request: {req.size} bytes of code, stdin, args, env and files is above the maximum "
+                       f"of {max_request_bytes} bytes")
+    if len(req.args) > MAX_ARGS or any("\0" in a for a in req.args):
+        raise InvalidRequest(f"args: expected at most {MAX_ARGS} arguments without NUL bytes")
+    env = dict(runner.env)
+    dropped = []
+    for name, value in req.env:
+        if not ENV_NAME_RE.match(name):
+            raise InvalidRequest(f"env: {name!r} is not a valid variable name")
+        if "\0" in value:
+            raise InvalidRequest(f"env: {name}: value contains a NUL byte")
+        if runner.allows_env(name):
+            env[name] = value
+        else:
+            dropped.append(name)
+    if len(req.files) > MAX_FILES:
+        raise InvalidRequest(f"files: {len(req.files)} files is above the maximum of {MAX_FILES}")
+    files = [File(runner.script, req.code, 0o644)]
+    seen = {runner.script}
+    for path, data in req.files:
+        _check_path(path)
+        if path in seen or any(path.startswith(s + "/") or s.startswith(path + "/") for s in seen):
+            raise InvalidRequest(f"files: {path!r} collides with the script or another file")
+        seen.add(path)
+        files.append(File(path, data, 0o644))
+    limits = resolve_limits(req.limits, runner, ceiling)
+    workdir = "/work"
+    argv = tuple(f"{workdir}/{runner.script}" if part == "{script}" else part for part in runner.command)
+    spec = RunSpec(
+        run_id=run_id, argv=argv + tuple(req.args), env=tuple(sorted(env.items())), image=images[runner.image],
+        seccomp=seccomp[runner.seccomp], limits=limits, files=tuple(files), workdir=workdir,
+        stop_on_output_limit=stop_on_output_limit)
+    return spec, tuple(dropped)

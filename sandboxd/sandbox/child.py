@@ -1,0 +1,168 @@
+"""The processes of one run, in the order they are created. Runs in children of the launcher (never in the
+daemon): the launcher is single-threaded, so Python after fork() is safe here.
+
+    launcher
+      `- keeper   joins the run cgroup, unshares the namespaces, forks init, waits
+           `- init      pid 1 of the run: hostname, loopback, root filesystem, then forks the payload,
+                `          reports "exec" (or why setup failed), reaps, relays the payload's status, exits
+                `- payload  rlimits -> credentials -> close fds -> seccomp (last) -> execve
+
+When init exits, the kernel kills every other process of the pid namespace; the launcher then kills and removes
+the cgroup, which catches anything that could have escaped the namespace. Each step runs through `_step`, so a
+failure names the step and the run fails closed with outcome setup_failed: the payload is never exec'd with
+less isolation than the spec asks for.
+
+Init talks to the launcher through `status_fd` with one JSON object per line (each well under PIPE_BUF, so
+lines never interleave): {"ev": "exec"}, {"ev": "setup_failed", "step": ..., "error": ...},
+{"ev": "exit", "code": n} or {"ev": "exit", "signal": n}.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+from . import _libc, creds, namespaces, rlimits, rootfs, seccomp
+from .spec import RunSpec
+
+SETUP_FAILED = 121
+
+
+class _StepFailed(Exception):
+    pass
+
+
+def _report(status_fd: int, **msg) -> None:
+    os.write(status_fd, (json.dumps(msg) + "\n").encode()[:4000])
+
+
+def _step(status_fd: int, name: str, fn, *args) -> None:
+    try:
+        fn(*args)
+    except BaseException as e:  # noqa: BLE001 - every failure of a step is fatal and reported
+        _report(status_fd, ev="setup_failed", step=name, error=f"{type(e).__name__}: {e}")
+        raise _StepFailed(name) from e
+
+
+def close_fds_except(keep: set[int]) -> None:
+    low = 0
+    for fd in sorted(keep):
+        if fd > low:
+            os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, 1 << 20)
+
+
+def _join_cgroup(paths: list[str]) -> None:
+    for path in paths:
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.write(fd, b"0")
+        finally:
+            os.close(fd)
+
+
+def keeper(spec: RunSpec, stdio: tuple[int, int, int], status_fd: int, join_paths: list[str], staging: str,
+           cap_last: int) -> None:
+    """Entry point right after the launcher's fork(). Never returns."""
+    code = SETUP_FAILED
+    try:
+        _libc.prctl(_libc.PR_SET_PDEATHSIG, signal.SIGKILL)  # the launcher died: so does the run
+        close_fds_except({*stdio, status_fd})
+        _step(status_fd, "cgroup", _join_cgroup, join_paths)
+        _step(status_fd, "namespaces", namespaces.apply)
+        pid = os.fork()
+        if pid == 0:
+            _init(spec, stdio, status_fd, staging, cap_last)
+        for fd in stdio:
+            os.close(fd)
+        _, status = os.waitpid(pid, 0)
+        code = os.waitstatus_to_exitcode(status) & 0xFF
+    except BaseException:  # noqa: BLE001
+        pass
+    os._exit(code)
+
+
+def _init(spec: RunSpec, stdio: tuple[int, int, int], status_fd: int, staging: str, cap_last: int) -> None:
+    code = SETUP_FAILED
+    try:
+        _libc.prctl(_libc.PR_SET_PDEATHSIG, signal.SIGKILL)
+        _step(status_fd, "hostname", namespaces.set_hostname, spec.hostname)
+        _step(status_fd, "loopback", namespaces.loopback_up)
+        _step(status_fd, "rootfs", rootfs.apply, spec, staging)
+        err_r, err_w = os.pipe2(os.O_CLOEXEC)
+        main = os.fork()
+        if main == 0:
+            os.close(err_r)
+            _payload(spec, stdio, err_w, cap_last)
+        os.close(err_w)
+        for fd in stdio:
+            os.close(fd)
+        failure = _read_all(err_r)
+        os.close(err_r)
+        if failure:
+            _report(status_fd, ev="setup_failed", **json.loads(failure))
+        else:
+            _report(status_fd, ev="exec")
+        code = _reap_until(main, status_fd, report=not failure)
+    except BaseException:  # noqa: BLE001
+        pass
+    os._exit(code)
+
+
+def _reap_until(main: int, status_fd: int, report: bool) -> int:
+    """Reap every child (orphans are reparented to us) until the main process is gone, then relay its
+    status. Returning ends init, and with it every process left in the namespace."""
+    while True:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            return SETUP_FAILED
+        if pid == main:
+            if report:
+                if os.WIFSIGNALED(status):
+                    _report(status_fd, ev="exit", signal=os.WTERMSIG(status))
+                else:
+                    _report(status_fd, ev="exit", code=os.WEXITSTATUS(status))
+            return 0
+
+
+def _payload(spec: RunSpec, stdio: tuple[int, int, int], err_w: int, cap_last: int) -> None:
+    step = "stdio"
+    try:
+        for target, fd in enumerate(stdio):
+            os.dup2(fd, target, inheritable=True)
+        # The OOM killer must pick the payload's processes, never the init that reports on them. Raising a
+        # score needs no capability (lowering init's would need CAP_SYS_RESOURCE, not always granted).
+        step = "oom_score_adj"
+        _write_file("/proc/self/oom_score_adj", "1000")
+        step = "rlimits"
+        rlimits.apply(spec.limits)
+        step = "credentials"
+        creds.apply(spec.uid, spec.gid, cap_last)
+        step = "close_fds"
+        close_fds_except({0, 1, 2, err_w})
+        step = "seccomp"
+        seccomp.apply(spec.seccomp.bpf)
+        step = "exec"
+        os.execve(spec.argv[0], list(spec.argv), dict(spec.env))
+    except BaseException as e:  # noqa: BLE001
+        try:
+            os.write(err_w, json.dumps({"step": step, "error": f"{type(e).__name__}: {e}"}).encode()[:4000])
+        finally:
+            os._exit(127)
+
+
+def _write_file(path: str, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
+
+
+def _read_all(fd: int) -> bytes:
+    chunks = []
+    while chunk := os.read(fd, 4096):
+        chunks.append(chunk)
+    return b"".join(chunks)

@@ -1,0 +1,302 @@
+"""The launcher process: a single-threaded fork server that owns every sandbox.
+
+Started by the daemon (launcher.py) before any gRPC thread exists, as `python -m sandboxd.sandbox.forkserver`.
+It imports everything a child needs up front, then only forks, so no child ever inherits a lock held by another
+thread. It owns the cgroup driver: it creates each run's cgroup before fork, enforces the wall-clock and
+CPU-time limits, and after each run kills and removes the cgroup, so nothing outlives a run even if the daemon
+is gone. If the daemon's end of the control socket closes (the daemon died), it kills every run, removes every
+cgroup and exits.
+
+Protocol (SOCK_SEQPACKET, one JSON object per message):
+  daemon -> launcher  {"op": "start", "run_id"} + SCM_RIGHTS [spec memfd, stdin, stdout, stderr]
+                      {"op": "kill", "run_id", "reason"}   {"op": "ping"}   {"op": "shutdown"}
+  launcher -> daemon  {"ev": "ready", "driver"}  {"ev": "pong", "runs"}
+                      {"ev": "started", "run_id", "at"}    (the payload's execve succeeded)
+                      {"ev": "finished", "run_id", ...}   (see Run.result)
+"""
+from __future__ import annotations
+
+import argparse
+import array
+import heapq
+import json
+import logging
+import os
+import selectors
+import signal
+import socket
+import sys
+import time
+
+from . import cgroups, child, creds
+from .spec import RunSpec
+
+log = logging.getLogger("sandboxd.launcher")
+MAX_FDS = 8
+SETUP_GRACE = 10.0   # seconds a run may spend in setup before its wall clock starts
+CPU_POLL = 0.1       # seconds between CPU-time checks of running runs
+
+
+class Run:
+    def __init__(self, spec: RunSpec, cgroup, pid: int, pidfd: int, status_r: int):
+        self.spec, self.cgroup, self.pid, self.pidfd, self.status_r = spec, cgroup, pid, pidfd, status_r
+        self.forked_at = time.time()
+        self.exec_at: float | None = None
+        self.deadline = time.monotonic() + spec.limits.wall_time + SETUP_GRACE
+        self.kill_reason: str | None = None
+        self.setup_error: str | None = None
+        self.exit: dict = {}
+        self.buf = b""
+
+
+class ForkServer:
+    def __init__(self, sock: socket.socket, driver: cgroups.CgroupDriver, staging: str):
+        self.sock, self.driver, self.staging = sock, driver, staging
+        self.cap_last = creds.last_cap()
+        self.sel = selectors.DefaultSelector()
+        self.runs: dict[str, Run] = {}
+        self.timers: list[tuple[float, str]] = []
+        self.stopping = False
+        self.wake_r, self.wake_w = socket.socketpair()
+        self.wake_r.setblocking(False)
+        self.wake_w.setblocking(False)
+
+    # -- main loop ---------------------------------------------------------------------------------------
+    def serve(self) -> None:
+        signal.set_wakeup_fd(self.wake_w.fileno())
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, lambda *_: None)  # only wakes the loop; handled below as a shutdown
+        self.sel.register(self.sock, selectors.EVENT_READ, self.on_control)
+        self.sel.register(self.wake_r, selectors.EVENT_READ, self.on_signal)
+        self.send(ev="ready", driver=self.driver.name, pid=os.getpid())
+        while not (self.stopping and not self.runs):
+            timeout = CPU_POLL if self.runs else None
+            for key, _ in self.sel.select(timeout):
+                key.data(key.fileobj)
+            self.tick()
+        self.driver.teardown()
+
+    def on_signal(self, _):
+        while True:
+            try:
+                if not self.wake_r.recv(64):
+                    break
+            except BlockingIOError:
+                break
+        self.shutdown("shutdown")
+
+    def on_control(self, _):
+        try:
+            data, anc, _flags, _addr = self.sock.recvmsg(65536, socket.CMSG_SPACE(MAX_FDS * 4))
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data, anc = b"", []
+        fds = []
+        for level, kind, payload in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                a = array.array("i")
+                a.frombytes(payload[: len(payload) - len(payload) % a.itemsize])
+                fds.extend(a)
+        if not data:  # the daemon is gone: nobody will read results, so end every run now
+            for fd in fds:
+                os.close(fd)
+            self.sel.unregister(self.sock)
+            self.shutdown("daemon_gone")
+            return
+        msg = json.loads(data)
+        op = msg.get("op")
+        try:
+            if op == "start":
+                self.handle_start(msg, fds)
+            elif op == "kill":
+                self.handle_kill(msg["run_id"], msg.get("reason", "cancelled"))
+            elif op == "ping":
+                self.send(ev="pong", runs=len(self.runs), usable=self.driver.usable())
+            elif op == "shutdown":
+                self.shutdown("shutdown")
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    def shutdown(self, reason: str) -> None:
+        self.stopping = True
+        for run_id in list(self.runs):
+            self.handle_kill(run_id, reason)
+
+    def send(self, **msg) -> None:
+        if self.sock.fileno() < 0:
+            return
+        try:
+            self.sock.send(json.dumps(msg).encode())
+        except OSError as e:
+            log.warning("cannot reach the daemon: %s", e)
+
+    # -- runs --------------------------------------------------------------------------------------------
+    def handle_start(self, msg: dict, fds: list[int]) -> None:
+        run_id = msg["run_id"]
+        if self.stopping:
+            self.send(ev="finished", run_id=run_id, setup_error="launcher: shutting down", clean=True)
+            return
+        try:
+            if len(fds) != 4:
+                raise ValueError(f"expected 4 fds, got {len(fds)}")
+            spec = RunSpec.from_json(_read_fd(fds[0]))
+            if spec.run_id != run_id or spec.uid <= 0 or spec.gid <= 0:
+                raise ValueError("bad spec: run id mismatch or privileged uid/gid")
+            cg = self.driver.create(run_id, cgroups.CgroupLimits(spec.limits.memory, spec.limits.pids,
+                                                                 spec.limits.cpus))
+        except Exception as e:  # noqa: BLE001 - reported as setup_failed, the launcher keeps serving
+            self.send(ev="finished", run_id=run_id, setup_error=f"launcher: {type(e).__name__}: {e}", clean=True)
+            return
+        status_r, status_w = os.pipe2(os.O_CLOEXEC)
+        stdio = (fds[1], fds[2], fds[3])
+        try:
+            join = cg.join_paths()
+            pid = os.fork()
+        except Exception as e:  # noqa: BLE001
+            os.close(status_r)
+            os.close(status_w)
+            self._remove_cgroup(cg)
+            self.send(ev="finished", run_id=run_id, setup_error=f"launcher: fork: {e}", clean=True)
+            return
+        if pid == 0:
+            try:
+                child.keeper(spec, stdio, status_w, join, self.staging, self.cap_last)
+            finally:
+                os._exit(child.SETUP_FAILED)
+        os.close(status_w)
+        pidfd = os.pidfd_open(pid)
+        run = Run(spec, cg, pid, pidfd, status_r)
+        self.runs[run_id] = run
+        os.set_blocking(status_r, False)
+        self.sel.register(status_r, selectors.EVENT_READ, lambda _f, r=run: self.on_status(r))
+        self.sel.register(pidfd, selectors.EVENT_READ, lambda _f, r=run: self.on_exit(r))
+        heapq.heappush(self.timers, (run.deadline, run_id))
+
+    def handle_kill(self, run_id: str, reason: str) -> None:
+        run = self.runs.get(run_id)
+        if run is None:
+            return
+        run.kill_reason = run.kill_reason or reason
+        try:
+            run.cgroup.kill()
+        except cgroups.CgroupError as e:
+            log.error("run %s: kill failed: %s; killing the keeper", run_id, e)
+            os.kill(run.pid, signal.SIGKILL)
+
+    def on_status(self, run: Run) -> None:
+        try:
+            data = os.read(run.status_r, 65536)
+        except BlockingIOError:
+            return
+        if not data:
+            self.sel.unregister(run.status_r)
+            os.close(run.status_r)
+            run.status_r = -1
+            return
+        run.buf += data
+        self._consume(run)
+
+    def _consume(self, run: Run) -> None:
+        while b"\n" in run.buf:
+            line, run.buf = run.buf.split(b"\n", 1)
+            try:
+                msg = json.loads(line)
+            except ValueError:
+                continue
+            ev = msg.pop("ev", None)
+            if ev == "exec" and run.exec_at is None:
+                run.exec_at = time.time()
+                run.deadline = time.monotonic() + run.spec.limits.wall_time
+                heapq.heappush(self.timers, (run.deadline, run.spec.run_id))
+                self.send(ev="started", run_id=run.spec.run_id, at=run.exec_at)
+            elif ev == "setup_failed":
+                run.setup_error = f"{msg.get('step')}: {msg.get('error')}"
+            elif ev == "exit":
+                run.exit = msg
+
+    def on_exit(self, run: Run) -> None:
+        os.waitpid(run.pid, 0)
+        if run.status_r >= 0:  # drain what init wrote before it died
+            self.sel.unregister(run.status_r)
+            os.set_blocking(run.status_r, True)
+            run.buf += child._read_all(run.status_r)
+            os.close(run.status_r)
+            run.status_r = -1
+            self._consume(run)
+        self.sel.unregister(run.pidfd)
+        os.close(run.pidfd)
+        ended = time.time()
+        try:
+            usage = run.cgroup.usage()
+        except cgroups.CgroupError:
+            usage = cgroups.Usage(0, 0, 0)
+        clean = self._remove_cgroup(run.cgroup)
+        del self.runs[run.spec.run_id]
+        self.send(ev="finished", run_id=run.spec.run_id, setup_error=run.setup_error, kill_reason=run.kill_reason,
+                  exit_code=run.exit.get("code"), signal=run.exit.get("signal"), cpu_ns=usage.cpu_ns,
+                  peak_memory=usage.peak_memory, oom_kills=usage.oom_kills, forked_at=run.forked_at,
+                  exec_at=run.exec_at, ended_at=ended, clean=clean)
+
+    def _remove_cgroup(self, cg) -> bool:
+        try:
+            cg.remove()
+            return True
+        except cgroups.CgroupError as e:
+            log.error("cgroup of run %s not removed: %s", cg.run_id, e)
+            return False
+
+    def tick(self) -> None:
+        now = time.monotonic()
+        while self.timers and self.timers[0][0] <= now:
+            deadline, run_id = heapq.heappop(self.timers)
+            run = self.runs.get(run_id)
+            if run is not None and run.deadline <= now and run.kill_reason is None:
+                self.handle_kill(run_id, "timeout")
+        for run_id, run in list(self.runs.items()):
+            if run.kill_reason is None and run.exec_at is not None:
+                try:
+                    if run.cgroup.cpu_ns() > run.spec.limits.cpu_time * 1e9:
+                        self.handle_kill(run_id, "cpu_time")
+                except cgroups.CgroupError:
+                    pass
+
+
+def _read_fd(fd: int) -> bytes:
+    os.lseek(fd, 0, os.SEEK_SET)
+    chunks = []
+    while chunk := os.read(fd, 1 << 20):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="sandboxd-launcher")
+    p.add_argument("--fd", type=int, required=True, help="the control socket inherited from the daemon")
+    p.add_argument("--staging", required=True, help="an empty root-only directory to assemble roots on")
+    p.add_argument("--cgroup-parent-name", default="sandboxd")
+    p.add_argument("--cgroup-parent-path", default=None)
+    p.add_argument("--log-level", default="INFO")
+    args = p.parse_args(argv)
+    logging.basicConfig(stream=sys.stderr, level=args.log_level,
+                        format='{"ts":"%(asctime)s","level":"%(levelname)s","logger":"%(name)s","msg":%(message)r}')
+    if os.uname().machine != "x86_64":
+        sys.exit("sandboxd launcher: only x86_64 is supported")
+    sock = socket.socket(fileno=args.fd)
+    sock.setblocking(False)
+    try:
+        driver = cgroups.detect(args.cgroup_parent_name, args.cgroup_parent_path)
+        driver.setup()
+        stale = driver.recover()
+        if stale:
+            log.warning("removed cgroups of %d runs left by a previous launcher: %s", len(stale), stale)
+    except Exception as e:  # noqa: BLE001
+        sock.setblocking(True)
+        sock.send(json.dumps({"ev": "failed", "error": f"cgroups: {type(e).__name__}: {e}"}).encode())
+        sys.exit(1)
+    ForkServer(sock, driver, args.staging).serve()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,242 @@
+"""Daemon side of the fork server.
+
+Theory of operation
+-------------------
+The daemon is multithreaded (grpc.aio runs its own threads), and fork() in a multithreaded Python process copies
+locks that other threads hold; a child that touches one deadlocks. So the daemon never forks a sandbox itself.
+At start-up, before the gRPC server exists, it starts the launcher (forkserver.py): a separate, single-threaded
+Python process that has imported everything a sandbox needs and then only forks. Starting it uses
+subprocess (fork+exec in C), so no Python runs after fork in the daemon.
+
+The two talk over a SOCK_SEQPACKET socketpair. For each run the daemon sends a small "start" message and four
+file descriptors (SCM_RIGHTS): a sealed memfd holding the RunSpec as JSON (a spec can be megabytes; socket
+buffers are not), a sealed memfd with stdin, and the write ends of the stdout and stderr pipes. The daemon
+keeps the read ends and streams from them; it never sees a path inside a sandbox. The launcher answers with
+"started" when the payload's execve succeeded and "finished" once the run's processes are dead and its cgroup
+is removed, carrying the exit status, the kill reason (timeout, cpu_time, output_limit, cancelled...) and the
+usage read from the cgroup.
+
+If the launcher dies, every run dies with it (PR_SET_PDEATHSIG); pending runs finish as setup_failed or
+cancelled and the next start() spawns a new launcher, which removes any cgroup the old one left.
+"""
+from __future__ import annotations
+
+import array
+import asyncio
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+
+from .spec import RunSpec
+
+log = logging.getLogger("sandboxd.launcher")
+
+
+class LauncherError(Exception):
+    """The launcher could not be started or is not answering."""
+
+
+@dataclass
+class Finished:
+    run_id: str
+    exit_code: int | None = None
+    signal: int | None = None
+    setup_error: str | None = None
+    kill_reason: str | None = None
+    cpu_ns: int = 0
+    peak_memory: int = 0
+    oom_kills: int = 0
+    forked_at: float | None = None
+    exec_at: float | None = None
+    ended_at: float | None = None
+    clean: bool = True
+
+
+class RunHandle:
+    """One run in flight: `started` resolves with the exec time, `finished` with a Finished."""
+
+    def __init__(self, launcher: "Launcher", run_id: str):
+        loop = asyncio.get_running_loop()
+        self.launcher, self.run_id = launcher, run_id
+        self.started: asyncio.Future[float] = loop.create_future()
+        self.finished: asyncio.Future[Finished] = loop.create_future()
+
+    async def kill(self, reason: str) -> None:
+        await self.launcher.send({"op": "kill", "run_id": self.run_id, "reason": reason})
+
+
+def _sealed_memfd(name: str, data: bytes) -> int:
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+    os.lseek(fd, 0, os.SEEK_SET)
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL)
+    return fd
+
+
+class Launcher:
+    def __init__(self, staging: str, cgroup_parent_name: str = "sandboxd", cgroup_parent_path: str | None = None,
+                 log_level: str = "INFO"):
+        self.staging = staging
+        self.args = ["--staging", staging, "--cgroup-parent-name", cgroup_parent_name, "--log-level", log_level]
+        if cgroup_parent_path:
+            self.args += ["--cgroup-parent-path", cgroup_parent_path]
+        self.proc: subprocess.Popen | None = None
+        self.sock: socket.socket | None = None
+        self.runs: dict[str, RunHandle] = {}
+        self.driver = ""
+        self._pongs: list[asyncio.Future] = []
+        self._ready: asyncio.Future | None = None
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None and self.sock is not None
+
+    async def start(self, timeout: float = 30.0) -> None:
+        os.makedirs(self.staging, mode=0o700, exist_ok=True)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        ours.set_inheritable(False)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "sandboxd.sandbox.forkserver", "--fd", str(theirs.fileno()), *self.args],
+            pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, env=_launcher_env(),
+        )
+        theirs.close()
+        ours.setblocking(False)
+        self.sock = ours
+        loop = asyncio.get_running_loop()
+        self._ready = loop.create_future()
+        loop.add_reader(ours.fileno(), self._on_readable)
+        try:
+            msg = await asyncio.wait_for(self._ready, timeout)
+        except asyncio.TimeoutError:
+            await self.stop()
+            raise LauncherError("the launcher did not become ready") from None
+        if msg.get("ev") != "ready":
+            await self.stop()
+            raise LauncherError(msg.get("error", "the launcher failed to start"))
+        self.driver = msg["driver"]
+        log.info("launcher ready: pid %s, cgroup driver %s", msg.get("pid"), self.driver)
+
+    async def stop(self, timeout: float = 30.0) -> None:
+        """Ask the launcher to end every run, remove the cgroups and exit; then reap it."""
+        if self.proc is None:
+            return
+        with contextlib.suppress(OSError, LauncherError):
+            await self.send({"op": "shutdown"})
+        try:
+            await asyncio.wait_for(asyncio.to_thread(self.proc.wait), timeout)
+        except asyncio.TimeoutError:
+            log.error("launcher did not exit in %ss; killing it", timeout)
+            self.proc.kill()
+            await asyncio.to_thread(self.proc.wait)
+        self._closed()
+
+    async def ping(self, timeout: float = 2.0) -> dict:
+        fut = asyncio.get_running_loop().create_future()
+        self._pongs.append(fut)
+        await self.send({"op": "ping"})
+        return await asyncio.wait_for(fut, timeout)
+
+    async def send(self, msg: dict, fds: list[int] = ()) -> None:
+        if self.sock is None:
+            raise LauncherError("the launcher is not running")
+        data = json.dumps(msg).encode()
+        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] \
+            if fds else []
+        while True:
+            try:
+                self.sock.sendmsg([data], anc)
+                return
+            except BlockingIOError:
+                await asyncio.sleep(0.001)
+            except OSError as e:
+                raise LauncherError(f"the launcher is gone: {e}") from e
+
+    async def run(self, spec: RunSpec, stdin: bytes, stdout_w: int, stderr_w: int) -> RunHandle:
+        """Hand a run to the launcher. The caller keeps ownership of stdout_w/stderr_w and closes them once
+        this returns (the launcher has its own copies by then)."""
+        if not self.alive:
+            raise LauncherError("the launcher is not running")
+        handle = RunHandle(self, spec.run_id)
+        self.runs[spec.run_id] = handle
+        spec_fd = _sealed_memfd("sandboxd-spec", spec.to_json())
+        stdin_fd = _sealed_memfd("sandboxd-stdin", stdin)
+        try:
+            await self.send({"op": "start", "run_id": spec.run_id}, [spec_fd, stdin_fd, stdout_w, stderr_w])
+        except LauncherError:
+            del self.runs[spec.run_id]
+            raise
+        finally:
+            os.close(spec_fd)
+            os.close(stdin_fd)
+        return handle
+
+    def _on_readable(self) -> None:
+        while self.sock is not None:
+            try:
+                data = self.sock.recv(65536)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self._closed()
+                return
+            self._dispatch(json.loads(data))
+
+    def _dispatch(self, msg: dict) -> None:
+        ev = msg.get("ev")
+        if ev in ("ready", "failed"):
+            if self._ready is not None and not self._ready.done():
+                self._ready.set_result(msg)
+        elif ev == "pong":
+            while self._pongs:
+                fut = self._pongs.pop(0)
+                if not fut.done():
+                    fut.set_result(msg)
+                    break
+        elif ev == "started":
+            handle = self.runs.get(msg["run_id"])
+            if handle and not handle.started.done():
+                handle.started.set_result(msg["at"])
+        elif ev == "finished":
+            handle = self.runs.pop(msg["run_id"], None)
+            if handle:
+                fin = Finished(**{k: v for k, v in msg.items() if k in Finished.__dataclass_fields__})
+                if not handle.started.done():
+                    handle.started.set_result(None)
+                handle.finished.set_result(fin)
+
+    def _closed(self) -> None:
+        """The launcher is gone: every pending run ends (its processes died with the launcher)."""
+        if self.sock is not None:
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_reader(self.sock.fileno())
+            self.sock.close()
+            self.sock = None
+        if self._ready is not None and not self._ready.done():
+            self._ready.set_result({"ev": "failed", "error": "the launcher exited during start-up"})
+        for run_id, handle in self.runs.items():
+            if not handle.started.done():
+                handle.started.set_result(None)
+            if not handle.finished.done():
+                handle.finished.set_result(Finished(run_id, setup_error="launcher: exited during the run",
+                                                    kill_reason="launcher_died", clean=False))
+        self.runs.clear()
+        for fut in self._pongs:
+            if not fut.done():
+                fut.set_exception(LauncherError("the launcher is gone"))
+        self._pongs.clear()
+
+
+def _launcher_env() -> dict[str, str]:
+    """The launcher inherits nothing it does not need (the payload's environment is built from scratch anyway)."""
+    keep = ("PATH", "PYTHONPATH", "VIRTUAL_ENV", "LANG", "TMPDIR", "PYTHONDONTWRITEBYTECODE")
+    return {k: os.environ[k] for k in keep if k in os.environ}

@@ -1,0 +1,128 @@
+"""RunSpec: the single, immutable description of one run.
+
+The daemon's planner builds it (every limit resolved), the launcher executes it, and the record stores it. If a
+value matters to the sandbox, it is in here; the launcher never reads configuration. It crosses the daemon ->
+launcher boundary as JSON (bytes as base64) inside a memfd, so its size is not bound by socket buffers.
+"""
+from __future__ import annotations
+
+import base64
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Every limit of a run, fully resolved. Sizes in bytes, times in seconds."""
+
+    wall_time: float = 10.0
+    cpu_time: float = 10.0
+    memory: int = 256 << 20          # memory + swap of the whole run (cgroup)
+    pids: int = 64                   # processes and threads of the whole run (cgroup)
+    cpus: float = 1.0                # CPU bandwidth, in CPUs (cgroup cpu quota)
+    output: int = 1 << 20            # per stream; past it the stream is cut
+    file_size: int = 64 << 20        # RLIMIT_FSIZE
+    open_files: int = 256            # RLIMIT_NOFILE
+    stack: int = 8 << 20             # RLIMIT_STACK
+    tmp_size: int = 64 << 20         # /tmp tmpfs size
+    tmp_inodes: int = 4096
+    work_size: int = 64 << 20        # working directory tmpfs size
+    work_inodes: int = 4096
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """A read-only root filesystem assembled from a trusted source tree.
+
+    `source` is a host directory the daemon trusts ("/" for the host image, a debootstrap tree for others).
+    `entries` are its top-level names exposed read-only at the same place (a symlink stays a symlink, a
+    directory is bind-mounted). `etc` lists paths under source/etc exposed read-only; the rest of /etc is
+    generated per run (passwd, group, hosts, nsswitch.conf, hostname) so the host's /etc never leaks in.
+    """
+
+    name: str
+    source: str
+    entries: tuple[str, ...] = ("usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32")
+    etc: tuple[str, ...] = ("ld.so.cache", "alternatives", "localtime", "ssl", "mime.types", "protocols",
+                            "services")
+
+
+@dataclass(frozen=True)
+class SeccompProgram:
+    """A seccomp profile compiled (once, daemon side) to classic BPF, ready to load in the child."""
+
+    name: str
+    sha256: str          # of the profile file, so the record names exactly what was loaded
+    bpf: bytes           # struct sock_filter[] as the kernel expects it
+
+
+@dataclass(frozen=True)
+class File:
+    path: str            # relative to the working directory, validated by the planner
+    data: bytes
+    mode: int = 0o644
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    run_id: str
+    argv: tuple[str, ...]
+    env: tuple[tuple[str, str], ...]
+    image: ImageSpec
+    seccomp: SeccompProgram
+    limits: Limits = field(default_factory=Limits)
+    files: tuple[File, ...] = ()
+    workdir: str = "/work"
+    hostname: str = "sandbox"
+    uid: int = 0                     # allocated per run by the daemon; 0 is refused by the launcher
+    gid: int = 0
+    user: str = "sandbox"
+    network: str = "none"
+    stop_on_output_limit: bool = True
+
+    def to_json(self) -> bytes:
+        return json.dumps(_encode(dataclasses.asdict(self))).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> "RunSpec":
+        d = _decode(json.loads(raw))
+        return cls(
+            run_id=d["run_id"],
+            argv=tuple(d["argv"]),
+            env=tuple((k, v) for k, v in d["env"]),
+            image=ImageSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in d["image"].items()}),
+            seccomp=SeccompProgram(**d["seccomp"]),
+            limits=Limits(**d["limits"]),
+            files=tuple(File(**f) for f in d["files"]),
+            **{k: d[k] for k in ("workdir", "hostname", "uid", "gid", "user", "network", "stop_on_output_limit")},
+        )
+
+    def summary(self) -> dict:
+        """What the record stores: everything but the payload bytes (those are hashed)."""
+        d = dataclasses.asdict(self)
+        d["files"] = [{"path": f.path, "size": len(f.data), "sha256": hashlib.sha256(f.data).hexdigest()}
+                      for f in self.files]
+        d["seccomp"] = {"name": self.seccomp.name, "sha256": self.seccomp.sha256}
+        return d
+
+
+def _encode(o):
+    if isinstance(o, bytes):
+        return {"__b64__": base64.b64encode(o).decode()}
+    if isinstance(o, dict):
+        return {k: _encode(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_encode(v) for v in o]
+    return o
+
+
+def _decode(o):
+    if isinstance(o, dict):
+        if set(o) == {"__b64__"}:
+            return base64.b64decode(o["__b64__"])
+        return {k: _decode(v) for k, v in o.items()}
+    if isinstance(o, list):
+        return [_decode(v) for v in o]
+    return o

@@ -1,0 +1,117 @@
+"""The daemon's long-lived parts and how they are wired: configuration catalog, launcher, supervisor,
+admission, store and metrics. Runs in the daemon.
+
+The catalog (runners, images, compiled seccomp programs) is one immutable object swapped whole on reload, so
+a run sees one consistent configuration from request to record. The store lives on one dedicated thread
+(SQLite connections must not cross threads) and every write is awaited before the caller goes on.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import hashlib
+import logging
+import os
+import pathlib
+import socket
+import time
+from dataclasses import dataclass
+
+from . import __version__, runners as runners_mod
+from .admission import Admission, default_max_concurrent
+from .config import Config
+from .errors import ConfigError
+from .metrics import Metrics
+from .runners import Runner
+from .sandbox import namespaces, seccomp
+from .sandbox.launcher import Launcher
+from .sandbox.spec import ImageSpec, SeccompProgram
+from .store import Store
+from .supervisor import RunResult, Supervisor, UidPool
+
+log = logging.getLogger("sandboxd")
+
+
+@dataclass(frozen=True)
+class Catalog:
+    runners: dict[str, Runner]
+    images: dict[str, ImageSpec]
+    seccomp: dict[str, SeccompProgram]
+    config_sha256: str
+
+
+def build_catalog(cfg: Config) -> Catalog:
+    profiles = {}
+    for path in sorted(pathlib.Path(cfg.sandbox.seccomp_dir).glob("*.toml")):
+        try:
+            program = seccomp.compile_profile(str(path))
+        except Exception as e:  # noqa: BLE001 - any profile error is a config error naming the file
+            raise ConfigError(f"{path}: {e}") from None
+        profiles[program.name] = program
+    if not profiles:
+        raise ConfigError(f"{cfg.sandbox.seccomp_dir}: no seccomp profiles (*.toml)")
+    images = runners_mod.load_images(cfg.sandbox.images_dir)
+    runners = runners_mod.load_runners(cfg, images, set(profiles))
+    digest = hashlib.sha256()
+    for part in (repr(cfg), *(repr(r) for r in runners.values()), *(p.sha256 for p in profiles.values())):
+        digest.update(part.encode())
+    return Catalog(runners, images, profiles, digest.hexdigest())
+
+
+class Daemon:
+    def __init__(self, cfg: Config):
+        self.config = cfg
+        self.catalog = build_catalog(cfg)
+        self.metrics = Metrics()
+        self.namespaces = namespaces.NAMES
+        self.hostname = socket.gethostname()
+        self.launcher = Launcher(staging=os.path.join(cfg.server.runtime_dir, "root"),
+                                 cgroup_parent_name=cfg.sandbox.cgroup_parent_name,
+                                 cgroup_parent_path=cfg.sandbox.cgroup_parent_path or None,
+                                 log_level=cfg.logging.level)
+        self.uids = UidPool(cfg.sandbox.uid_start, cfg.sandbox.uid_count)
+        self.supervisor = Supervisor(self.launcher, self.uids)
+        # Never more concurrent runs than uids to give them.
+        slots = min(cfg.admission.max_concurrent or default_max_concurrent(), cfg.sandbox.uid_count)
+        self.admission = Admission(slots, cfg.admission.max_queue, cfg.admission.max_queue_wait)
+        self.metrics.active.set_function(lambda: self.admission.running)
+        self.metrics.queue_depth.set_function(lambda: self.admission.queued)
+        self._db = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sandboxd-store")
+        self.store: Store | None = None
+
+    async def start(self) -> None:
+        # The launcher first: it must exist before any gRPC thread does (see sandbox/launcher.py).
+        await self.launcher.start()
+        os.makedirs(self.config.server.state_dir, mode=0o700, exist_ok=True)
+        self.store = await self._call(Store, os.path.join(self.config.server.state_dir, "sandboxd.db"))
+        interrupted = await self._call(lambda: self.store.mark_interrupted("daemon restarted during the run"))
+        if interrupted:
+            log.warning("marked %d runs interrupted by a previous daemon's exit", len(interrupted))
+        await self._call(self.store.append, "config.loaded", {
+            "source": self.config.source, "config_sha256": self.catalog.config_sha256, "version": __version__,
+            "runners": sorted(self.catalog.runners), "host": self.hostname})
+
+    async def stop(self) -> None:
+        await self.launcher.stop()
+        if self.store is not None:
+            await self._call(self.store.close)
+        self._db.shutdown(wait=True)
+
+    async def _call(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._db, fn, *args)
+
+    async def record(self, method: str, run_id: str, data: dict) -> None:
+        data = {**data, "daemon_version": __version__, "host": self.hostname}
+        await self._call(getattr(self.store, method), run_id, data)
+
+    async def finish(self, run_id: str, result: RunResult, runner: str) -> None:
+        """Record the end of a run (durable before the caller sends the result) and count it."""
+        record = result.as_record()
+        record["finished_at"] = time.time()
+        try:
+            await self._call(self.store.run_finished, run_id, record)
+        finally:
+            self.metrics.run_finished(runner, result)
+        log.info("run %s finished: %s %s", run_id, result.outcome.value, result.message,
+                 extra={"run_id": run_id})
+
