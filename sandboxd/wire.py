@@ -56,7 +56,8 @@ def runners_response(runners: dict[str, Runner]) -> pb.ListRunnersResponse:
         pb.Runner(name=r.name, image=r.image, command=list(r.command), default_limits=limits_msg(r.default_limits),
                   max_limits=limits_msg(r.max_limits), env_allowlist=list(r.env_allowlist),
                   seccomp_profile=r.seccomp, file_extension=(r.extensions[0] if r.extensions else ""),
-                  available=r.available)
+                  available=r.available, file_extensions=list(r.extensions), description=r.description,
+                  unavailable_reason=r.unavailable_reason)
         for r in sorted(runners.values(), key=lambda r: r.name)])
 
 

@@ -1,0 +1,179 @@
+"""The public Python client for sandboxd. Agent code imports this; sandboxctl is a thin shell over it.
+
+    from sandboxd.client import Client
+
+    with Client() as c:                                  # SANDBOXD_TARGET or unix:///run/sandboxd/sandboxd.sock
+        result = c.run("print(6 * 7)")                   # waits, collects output
+        print(result.outcome, result.exit_code, result.stdout)
+
+        for event in c.execute("for i in range(3): print(i)", runner="python", wall_time=5):
+            if isinstance(event, Output):                # streamed as the script produces it
+                print(event.stream, event.data)
+            elif isinstance(event, Result):
+                print(event.outcome)
+
+Errors from the daemon (unknown runner, bad limits, overload, unauthenticated...) raise SandboxdError with the
+gRPC status code name and the daemon's message. What the script did is never an error: it is Result.outcome.
+This module's names are the stable API; everything else in the package may change.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Iterator, Mapping, Sequence
+
+import grpc
+
+from .v1 import sandbox_pb2 as pb
+from .v1 import sandbox_pb2_grpc as pb_grpc
+
+__all__ = ["Client", "SandboxdError", "Started", "Output", "Result", "RunnerInfo", "DEFAULT_TARGET"]
+
+DEFAULT_TARGET = "unix:///run/sandboxd/sandboxd.sock"
+OUTCOMES = {v.number: v.name[len("OUTCOME_"):].lower() for v in pb.Outcome.DESCRIPTOR.values}
+
+
+class SandboxdError(Exception):
+    """The daemon refused or could not serve a request. `code` is the gRPC status name (e.g. "NOT_FOUND",
+    "INVALID_ARGUMENT", "RESOURCE_EXHAUSTED", "UNAVAILABLE"); `retry_after` is set when the daemon is
+    overloaded and suggests when to try again (seconds)."""
+
+    def __init__(self, code: str, message: str, retry_after: float | None = None):
+        super().__init__(f"{code}: {message}")
+        self.code, self.message, self.retry_after = code, message, retry_after
+
+
+@dataclass(frozen=True)
+class Started:
+    run_id: str
+
+
+@dataclass(frozen=True)
+class Output:
+    stream: str          # "stdout" or "stderr"
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Result:
+    run_id: str
+    outcome: str         # exited, signaled, timeout, memory_limit, output_limit, cancelled, rejected, setup_failed
+    exit_code: int
+    signal: int
+    cpu_time: float      # seconds
+    wall_time: float     # seconds
+    peak_memory: int     # bytes
+    stdout_bytes: int
+    stderr_bytes: int
+    stdout_truncated: bool
+    stderr_truncated: bool
+    message: str
+    limits: dict = field(default_factory=dict)
+    stdout: bytes = b""  # filled by Client.run(), empty when streaming with execute()
+    stderr: bytes = b""
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome == "exited" and self.exit_code == 0
+
+
+@dataclass(frozen=True)
+class RunnerInfo:
+    name: str
+    image: str
+    command: tuple[str, ...]
+    extensions: tuple[str, ...]
+    available: bool
+    unavailable_reason: str
+    description: str
+    default_limits: dict
+    max_limits: dict
+
+
+def _limits_dict(msg: pb.Limits) -> dict:
+    return {"wall_time": msg.wall_time_seconds, "cpu_time": msg.cpu_time_seconds, "memory": msg.memory_bytes,
+            "pids": msg.pids, "output": msg.output_bytes}
+
+
+def _error(e: grpc.RpcError) -> SandboxdError:
+    retry = None
+    for key, value in (e.trailing_metadata() or ()):
+        if key == "grpc-retry-pushback-ms":
+            retry = int(value) / 1000
+    return SandboxdError(e.code().name, e.details() or "", retry)
+
+
+class Client:
+    def __init__(self, target: str | None = None, metadata: Sequence[tuple[str, str]] = (),
+                 credentials: grpc.ChannelCredentials | None = None, options: Sequence = ()):
+        self.target = target or os.environ.get("SANDBOXD_TARGET") or DEFAULT_TARGET
+        opts = [("grpc.max_receive_message_length", 8 << 20), ("grpc.max_send_message_length", 64 << 20), *options]
+        self.channel = (grpc.secure_channel(self.target, credentials, opts) if credentials
+                        else grpc.insecure_channel(self.target, opts))
+        self.stub = pb_grpc.SandboxStub(self.channel)
+        self.metadata = tuple(metadata)
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def execute(self, code: str, runner: str = "python", *, args: Sequence[str] = (), stdin: bytes = b"",
+                env: Mapping[str, str] | None = None, files: Mapping[str, bytes] | None = None,
+                wall_time: float = 0, cpu_time: float = 0, memory: int = 0, pids: int = 0, output: int = 0,
+                timeout: float | None = None) -> Iterator[Started | Output | Result]:
+        """Stream one run: Started, then Output chunks as produced, then one Result. Limits of 0 mean the
+        runner's default; a limit can only be lowered. `timeout` is the RPC deadline: when it passes the daemon
+        stops the run (outcome cancelled). Closing the iterator early cancels the run too."""
+        request = pb.ExecuteRequest(
+            runner=runner, code=code, args=list(args), stdin=stdin, env=dict(env or {}), files=dict(files or {}),
+            limits=pb.Limits(wall_time_seconds=wall_time, cpu_time_seconds=cpu_time, memory_bytes=memory,
+                             pids=pids, output_bytes=output))
+        call = self.stub.Execute(request, timeout=timeout, metadata=self.metadata)
+        try:
+            for event in call:
+                kind = event.WhichOneof("event")
+                if kind == "started":
+                    yield Started(event.started.run_id)
+                elif kind in ("stdout", "stderr"):
+                    yield Output(kind, getattr(event, kind).data)
+                elif kind == "result":
+                    r = event.result
+                    yield Result(run_id=r.run_id, outcome=OUTCOMES.get(r.outcome, "unspecified"),
+                                 exit_code=r.exit_code, signal=r.signal, cpu_time=r.cpu_time_seconds,
+                                 wall_time=r.wall_time_seconds, peak_memory=r.peak_memory_bytes,
+                                 stdout_bytes=r.stdout_bytes, stderr_bytes=r.stderr_bytes,
+                                 stdout_truncated=r.stdout_truncated, stderr_truncated=r.stderr_truncated,
+                                 message=r.message, limits=_limits_dict(r.limits))
+        except grpc.RpcError as e:
+            raise _error(e) from None
+        finally:
+            call.cancel()
+
+    def run(self, code: str, runner: str = "python", **kwargs) -> Result:
+        """Run to the end and return the Result with stdout and stderr collected (at most the output cap)."""
+        out: dict[str, list[bytes]] = {"stdout": [], "stderr": []}
+        result = None
+        for event in self.execute(code, runner, **kwargs):
+            if isinstance(event, Output):
+                out[event.stream].append(event.data)
+            elif isinstance(event, Result):
+                result = event
+        if result is None:
+            raise SandboxdError("INTERNAL", "the stream ended without a result")
+        return Result(**{**result.__dict__, "stdout": b"".join(out["stdout"]), "stderr": b"".join(out["stderr"])})
+
+    def runners(self, timeout: float | None = 10) -> list[RunnerInfo]:
+        try:
+            resp = self.stub.ListRunners(pb.ListRunnersRequest(), timeout=timeout, metadata=self.metadata)
+        except grpc.RpcError as e:
+            raise _error(e) from None
+        return [RunnerInfo(name=r.name, image=r.image, command=tuple(r.command),
+                           extensions=tuple(r.file_extensions), available=r.available,
+                           unavailable_reason=r.unavailable_reason, description=r.description,
+                           default_limits=_limits_dict(r.default_limits), max_limits=_limits_dict(r.max_limits))
+                for r in resp.runners]

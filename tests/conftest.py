@@ -1,0 +1,179 @@
+"""Shared fixtures: a real sandboxd on a private socket, state dir, runtime dir, cgroup parent and uid range.
+
+Every daemon started here is stopped by pid (SIGTERM, then SIGKILL) and checked for leftovers: no run cgroup,
+no process of its uid range. Tests never touch processes or cgroups they did not create.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import psutil
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+_counter = itertools.count()
+
+
+def find_cgroup_dirs(name: str, root: str = "/sys/fs/cgroup", depth: int = 6) -> list[str]:
+    found = []
+    base = root.rstrip("/").count("/")
+    for dirpath, dirnames, _ in os.walk(root):
+        if dirpath.count("/") - base >= depth:
+            dirnames[:] = []
+            continue
+        for d in dirnames:
+            if d == name:
+                found.append(os.path.join(dirpath, d))
+    return found
+
+
+def procs_with_uids(lo: int, hi: int) -> list[psutil.Process]:
+    out = []
+    for p in psutil.process_iter(["uids"]):
+        try:
+            if p.info["uids"] and lo <= p.info["uids"].real < hi:
+                out.append(p)
+        except psutil.Error:
+            pass
+    return out
+
+
+class Daemon:
+    """A sandboxd process started by the tests."""
+
+    def __init__(self, workdir: pathlib.Path, config_extra: str = "", runners_dir: str | None = None,
+                 env: dict | None = None):
+        n = next(_counter)
+        self.workdir = workdir
+        self.socket = str(workdir / "sandboxd.sock")
+        self.target = f"unix://{self.socket}"
+        self.state_dir = workdir / "state"
+        self.runtime_dir = workdir / "run"
+        self.parent_name = f"sandboxd-test-{os.getpid()}-{n}"
+        self.uid_start = 400000 + (os.getpid() % 500) * 2000 + n * 64
+        self.uid_count = 64
+        self.config_path = workdir / "sandboxd.toml"
+        runners = f'runners_dir = "{runners_dir}"\n' if runners_dir else ""
+        sections = {"server": "", "sandbox": "", "rest": ""}
+        # Tests may extend [server] and [sandbox]; everything else they pass goes after.
+        current = "rest"
+        for line in config_extra.splitlines():
+            if line.strip() in ("[server]", "[sandbox]"):
+                current = line.strip()[1:-1]
+                continue
+            if line.strip().startswith("["):
+                current = "rest"
+            sections[current] += line + "\n"
+        self.config_path.write_text(
+            f'[server]\nlisten = ["{self.target}"]\nstate_dir = "{self.state_dir}"\n'
+            f'runtime_dir = "{self.runtime_dir}"\nmetrics_listen = "127.0.0.1:0"\nshutdown_grace = "5s"\n'
+            f'{sections["server"]}'
+            f'[sandbox]\ncgroup_parent_name = "{self.parent_name}"\nuid_start = {self.uid_start}\n'
+            f'uid_count = {self.uid_count}\n{runners}{sections["sandbox"]}{sections["rest"]}')
+        self.log_path = workdir / "sandboxd.log"
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen([sys.executable, "-m", "sandboxd.cli.daemon", "serve", "--config",
+                                      str(self.config_path)], stdout=self._log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, **(env or {})}, cwd=str(ROOT))
+        self.wait_ready()
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        from sandboxd.client import Client, SandboxdError
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"sandboxd exited with {self.proc.returncode}:\n{self.log()}")
+            if os.path.exists(self.socket):
+                try:
+                    with Client(self.target) as c:
+                        c.runners(timeout=2)
+                    return
+                except SandboxdError:
+                    pass
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"sandboxd did not become ready:\n{self.log()}")
+
+    def client(self, **kw):
+        from sandboxd.client import Client
+        return Client(self.target, **kw)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+    def leftovers(self) -> list[str]:
+        """Run cgroups and processes of this daemon's runs that still exist."""
+        found = []
+        for d in find_cgroup_dirs(self.parent_name):
+            found += [os.path.join(d, c) for c in os.listdir(d) if c.startswith("run-")]
+        found += [f"pid {p.pid} uid {p.uids().real}" for p in procs_with_uids(self.uid_start,
+                                                                             self.uid_start + self.uid_count)]
+        return found
+
+    def wait_no_leftovers(self, timeout: float = 10.0) -> list[str]:
+        deadline = time.monotonic() + timeout
+        while (left := self.leftovers()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return left
+
+
+def _check_stopped(d: Daemon) -> None:
+    code = d.stop()
+    assert code == 0, f"sandboxd exited with {code}:\n{d.log()[-4000:]}"
+    assert not find_cgroup_dirs(d.parent_name), "the daemon left its cgroup parent behind"
+    assert not d.leftovers()
+
+
+@pytest.fixture(scope="session")
+def daemon():
+    """One daemon for the tests that need no special configuration."""
+    if os.geteuid() != 0:
+        pytest.skip("sandboxd tests need root")
+    with tempfile.TemporaryDirectory(prefix="sandboxd-test-") as tmp:
+        d = Daemon(pathlib.Path(tmp))
+        try:
+            yield d
+        finally:
+            _check_stopped(d)
+
+
+@pytest.fixture
+def start_daemon(tmp_path_factory):
+    """Start a daemon with extra configuration: start_daemon('[limits.max]\\nmemory = "64MiB"')."""
+    started = []
+
+    def start(config_extra: str = "", **kw) -> Daemon:
+        d = Daemon(tmp_path_factory.mktemp("sandboxd"), config_extra, **kw)
+        started.append(d)
+        return d
+
+    yield start
+    for d in started:
+        _check_stopped(d)
+
+
+@pytest.fixture
+def sandbox(daemon):
+    """A client of the shared daemon; after the test, nothing of its runs may remain."""
+    with daemon.client() as c:
+        yield c
+    left = daemon.wait_no_leftovers()
+    assert not left, f"runs left processes or cgroups behind: {left}"
