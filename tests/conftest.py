@@ -77,8 +77,9 @@ class Daemon:
             f'{sections["server"]}'
             f'[sandbox]\ncgroup_parent_name = "{self.parent_name}"\nuid_start = {self.uid_start}\n'
             f'uid_count = {self.uid_count}\n{runners}{sections["sandbox"]}{sections["rest"]}')
-        self.log_path = workdir / "sandboxd.log"
+        self.log_path = workdir / f"sandboxd-{n}.log"
         self._log = open(self.log_path, "wb")
+        self.expected_exit = 0
         self.proc = subprocess.Popen([sys.executable, "-m", "sandboxd.cli.daemon", "serve", "--config",
                                       str(self.config_path)], stdout=self._log, stderr=subprocess.STDOUT,
                                      env={**os.environ, **(env or {})}, cwd=str(ROOT))
@@ -137,9 +138,13 @@ class Daemon:
 
 def _check_stopped(d: Daemon) -> None:
     code = d.stop()
-    assert code == 0, f"sandboxd exited with {code}:\n{d.log()[-4000:]}"
+    assert code == d.expected_exit, f"sandboxd exited with {code}:\n{d.log()[-4000:]}"
+    # After a kill -9 the launcher notices the closed socket and cleans up on its own: give it a moment.
+    deadline = time.monotonic() + 10
+    while find_cgroup_dirs(d.parent_name) and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert not find_cgroup_dirs(d.parent_name), "the daemon left its cgroup parent behind"
-    assert not d.leftovers()
+    assert not d.wait_no_leftovers()
 
 
 @pytest.fixture(scope="session")
@@ -160,8 +165,8 @@ def start_daemon(tmp_path_factory):
     """Start a daemon with extra configuration: start_daemon('[limits.max]\\nmemory = "64MiB"')."""
     started = []
 
-    def start(config_extra: str = "", **kw) -> Daemon:
-        d = Daemon(tmp_path_factory.mktemp("sandboxd"), config_extra, **kw)
+    def start(config_extra: str = "", workdir: pathlib.Path | None = None, **kw) -> Daemon:
+        d = Daemon(workdir or tmp_path_factory.mktemp("sandboxd"), config_extra, **kw)
         started.append(d)
         return d
 

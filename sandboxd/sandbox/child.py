@@ -69,6 +69,10 @@ def keeper(spec: RunSpec, stdio: tuple[int, int, int], status_fd: int, join_path
     try:
         _libc.prctl(_libc.PR_SET_PDEATHSIG, signal.SIGKILL)  # the launcher died: so does the run
         close_fds_except({*stdio, status_fd})
+        # Hold 0-2 on /dev/null so no later pipe or file lands there and is clobbered by the payload's dup2.
+        while (fd := os.open("/dev/null", os.O_RDWR)) <= 2:
+            pass
+        os.close(fd)
         _step(status_fd, "cgroup", _join_cgroup, join_paths)
         _step(status_fd, "namespaces", namespaces.apply)
         pid = os.fork()
