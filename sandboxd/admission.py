@@ -30,6 +30,12 @@ class Admission:
         self.active: collections.Counter[str] = collections.Counter()
         self.waiting: dict[str, collections.deque[asyncio.Future]] = collections.OrderedDict()
 
+    def reconfigure(self, max_concurrent: int, max_queue: int, max_wait: float) -> None:
+        """New limits apply to the next admission; runs already admitted keep their slots."""
+        self.max_concurrent = max_concurrent or default_max_concurrent()
+        self.max_queue, self.max_wait = max_queue, max_wait
+        self._grant()
+
     @property
     def running(self) -> int:
         return sum(self.active.values())

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import hashlib
 import logging
 import os
@@ -17,7 +18,7 @@ import socket
 import time
 from dataclasses import dataclass
 
-from . import __version__, runners as runners_mod
+from . import __version__, config as config_mod, runners as runners_mod
 from .admission import Admission, default_max_concurrent
 from .config import Config
 from .errors import ConfigError
@@ -96,6 +97,55 @@ class Daemon:
         if self.store is not None:
             await self._call(self.store.close)
         self._db.shutdown(wait=True)
+
+    async def reload(self, path: str | None, overrides) -> bool:
+        """Load the configuration again (SIGHUP). All or nothing: an invalid file is logged and counted, and
+        the running configuration keeps serving. Running runs keep the RunSpec (and limits) they started with."""
+        try:
+            new = overrides(await asyncio.to_thread(config_mod.load, path))
+            catalog = await asyncio.to_thread(build_catalog, new)
+        except ConfigError as e:
+            log.error("configuration reload refused, keeping the running one: %s", e)
+            self.metrics.reloads.labels("failure").inc()
+            await self._call(self.store.append, "config.rejected", {"source": path or "<built-in default>",
+                                                                     "error": str(e)})
+            return False
+        old = self.config
+        fixed = {"listen", "state_dir", "runtime_dir", "metrics_listen", "socket_mode"}
+        changed = [k for k in fixed if getattr(old.server, k) != getattr(new.server, k)]
+        changed += [k for k in ("uid_start", "uid_count", "cgroup_parent_name", "cgroup_parent_path")
+                    if getattr(old.sandbox, k) != getattr(new.sandbox, k)]
+        if changed:
+            log.warning("reload: %s change only on restart; keeping the running values", ", ".join(sorted(changed)))
+        self.config = dataclasses.replace(
+            new, server=dataclasses.replace(new.server, **{k: getattr(old.server, k) for k in fixed}),
+            sandbox=dataclasses.replace(new.sandbox, uid_start=old.sandbox.uid_start, uid_count=old.sandbox.uid_count,
+                                        cgroup_parent_name=old.sandbox.cgroup_parent_name,
+                                        cgroup_parent_path=old.sandbox.cgroup_parent_path))
+        self.catalog = catalog
+        self.admission.reconfigure(min(new.admission.max_concurrent or default_max_concurrent(), self.uids.size),
+                                   new.admission.max_queue, new.admission.max_queue_wait)
+        logging.getLogger().setLevel(new.logging.level)
+        self.metrics.reloads.labels("success").inc()
+        await self._call(self.store.append, "config.loaded", {
+            "source": self.config.source, "config_sha256": catalog.config_sha256, "version": __version__,
+            "runners": sorted(catalog.runners), "host": self.hostname, "reload": True})
+        log.info("configuration reloaded from %s: %d runners", self.config.source, len(catalog.runners))
+        return True
+
+    async def healthy(self) -> tuple[bool, str]:
+        """Serving only when the launcher answers, cgroups are usable and the store takes writes."""
+        if not self.launcher.alive:
+            return False, "launcher not running"
+        try:
+            pong = await self.launcher.ping()
+        except Exception as e:  # noqa: BLE001
+            return False, f"launcher not answering: {e}"
+        if not pong.get("usable", False):
+            return False, "cgroups not usable"
+        if not await self._call(self.store.writable):
+            return False, "store not writable"
+        return True, "ok"
 
     async def _call(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._db, fn, *args)

@@ -79,6 +79,7 @@ class UidPool:
     is gone (so no process with that uid can still exist); otherwise it stays out until restart."""
 
     def __init__(self, start: int, count: int):
+        self.size = count
         self.free = list(range(start, start + count))
         self.quarantined: set[int] = set()
 

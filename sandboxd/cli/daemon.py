@@ -39,18 +39,57 @@ def _prepare_socket(path: str) -> None:
     os.unlink(path)  # a stale socket from a previous daemon
 
 
-async def serve(cfg: config_mod.Config) -> int:
+def start_metrics(daemon, listen: str) -> str | None:
+    """Serve /metrics on HOST:PORT (port 0 picks a free one); returns the bound address, None when "off"."""
+    if listen in ("", "off", "none"):
+        return None
+    from prometheus_client import start_http_server
+    host, _, port = listen.rpartition(":")
+    host = host.strip("[]") or "127.0.0.1"
+    server, _thread = start_http_server(int(port), addr=host, registry=daemon.metrics.registry)
+    daemon.metrics_server = server
+    return f"{host}:{server.server_port}"
+
+
+async def watch_health(daemon, health_servicer, interval: float = 2.0) -> None:
+    from grpc_health.v1 import health_pb2
+    last = None
+    while True:
+        ok, why = await daemon.healthy()
+        status = health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
+        for service in ("", "sandboxd.v1.Sandbox"):
+            await health_servicer.set(service, status)
+        if ok != last:
+            (log.info if ok else log.error)("health: %s", why)
+            last = ok
+        await asyncio.sleep(interval)
+
+
+async def serve(cfg: config_mod.Config, config_path: str | None = None, overrides=lambda c: c) -> int:
+    from grpc_health.v1 import health, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection
+
     from ..service import SandboxService
     from ..state import Daemon
-    from ..v1 import sandbox_pb2_grpc
+    from ..v1 import sandbox_pb2, sandbox_pb2_grpc
 
     daemon = Daemon(cfg)
     await daemon.start()
+    try:
+        metrics_addr = start_metrics(daemon, cfg.server.metrics_listen)
+    except (OSError, ValueError) as e:
+        await daemon.stop()
+        raise ConfigError(f"server.metrics_listen: cannot listen on {cfg.server.metrics_listen!r}: {e}") from None
     limit = cfg.server.max_request_bytes + (1 << 20)
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit),
                                       ("grpc.max_send_message_length", 4 << 20),
                                       ("grpc.so_reuseport", 0)])
     sandbox_pb2_grpc.add_SandboxServicer_to_server(SandboxService(daemon), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (sandbox_pb2.DESCRIPTOR.services_by_name["Sandbox"].full_name, health.SERVICE_NAME,
+         reflection.SERVICE_NAME), server)
     sockets = []
     try:
         for addr in cfg.server.listen:
@@ -67,12 +106,21 @@ async def serve(cfg: config_mod.Config) -> int:
         raise
     for path in sockets:
         os.chmod(path, cfg.server.socket_mode)
-    log.info("sandboxd %s serving on %s (cgroup driver %s, state %s)", __version__, ", ".join(cfg.server.listen),
-             daemon.launcher.driver, cfg.server.state_dir)
+    log.info("sandboxd %s serving on %s (cgroup driver %s, state %s, metrics %s)", __version__,
+             ", ".join(cfg.server.listen), daemon.launcher.driver, cfg.server.state_dir,
+             f"http://{metrics_addr}/metrics" if metrics_addr else "off")
+    watcher = asyncio.ensure_future(watch_health(daemon, health_servicer))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    # Handlers only queue work; the reload itself runs as a task (one at a time).
+    reload_lock = asyncio.Lock()
+
+    async def reload():
+        async with reload_lock:
+            await daemon.reload(config_path, overrides)
+    loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(reload()))
     launcher_gone = asyncio.ensure_future(asyncio.to_thread(daemon.launcher.proc.wait))
     stopper = asyncio.ensure_future(stop.wait())
     await asyncio.wait([stopper, launcher_gone], return_when=asyncio.FIRST_COMPLETED)
@@ -80,6 +128,8 @@ async def serve(cfg: config_mod.Config) -> int:
     if launcher_gone.done() and not stop.is_set():
         log.error("the launcher exited unexpectedly (status %s); shutting down", daemon.launcher.proc.returncode)
         code = 1
+    watcher.cancel()
+    await health_servicer.enter_graceful_shutdown()
     log.info("shutting down: %d runs active, grace %gs", daemon.admission.running, cfg.server.shutdown_grace)
     grace = asyncio.ensure_future(server.stop(cfg.server.shutdown_grace))
     with contextlib.suppress(asyncio.TimeoutError):
@@ -87,6 +137,8 @@ async def serve(cfg: config_mod.Config) -> int:
     await daemon.supervisor.cancel_all("shutdown")
     await grace
     await daemon.stop()
+    if getattr(daemon, "metrics_server", None):
+        daemon.metrics_server.shutdown()
     for path in sockets:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
@@ -95,23 +147,27 @@ async def serve(cfg: config_mod.Config) -> int:
     return code
 
 
+def _overrides(args):
+    """Command-line flags win over the file, on start and on every reload."""
+    import dataclasses
+    server = {}
+    if args.listen:
+        for addr in args.listen:
+            config_mod.validate_listen(addr, "--listen")
+        server["listen"] = tuple(args.listen)
+    if args.state_dir:
+        server["state_dir"] = os.path.abspath(args.state_dir)
+    if args.runtime_dir:
+        server["runtime_dir"] = os.path.abspath(args.runtime_dir)
+    if args.metrics_listen:
+        server["metrics_listen"] = args.metrics_listen
+    return lambda cfg: dataclasses.replace(cfg, server=dataclasses.replace(cfg.server, **server)) if server else cfg
+
+
 def cmd_serve(args) -> int:
     try:
-        cfg = config_mod.load(args.config)
-        overrides = {}
-        if args.listen:
-            for addr in args.listen:
-                config_mod.validate_listen(addr, "--listen")
-            overrides["listen"] = tuple(args.listen)
-        if args.state_dir:
-            overrides["state_dir"] = os.path.abspath(args.state_dir)
-        if args.runtime_dir:
-            overrides["runtime_dir"] = os.path.abspath(args.runtime_dir)
-        if args.metrics_listen:
-            overrides["metrics_listen"] = args.metrics_listen
-        if overrides:
-            import dataclasses
-            cfg = dataclasses.replace(cfg, server=dataclasses.replace(cfg.server, **overrides))
+        overrides = _overrides(args)
+        cfg = overrides(config_mod.load(args.config))
     except ConfigError as e:
         print(f"sandboxd: {e}", file=sys.stderr)
         return 2
@@ -120,7 +176,7 @@ def cmd_serve(args) -> int:
         print("sandboxd: must run as root (it creates namespaces, cgroups and mounts)", file=sys.stderr)
         return 2
     try:
-        return asyncio.run(serve(cfg))
+        return asyncio.run(serve(cfg, args.config, overrides))
     except ConfigError as e:
         log.error("%s", e)
         return 2
