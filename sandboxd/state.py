@@ -24,7 +24,7 @@ from .config import Config
 from .errors import ConfigError
 from .metrics import Metrics
 from .runners import Runner
-from .sandbox import namespaces, seccomp
+from .sandbox import cgroups, namespaces, seccomp
 from .sandbox.launcher import Launcher
 from .sandbox.spec import ImageSpec, SeccompProgram
 from .store import Store
@@ -81,7 +81,13 @@ class Daemon:
         self.store: Store | None = None
 
     async def start(self) -> None:
-        # The launcher first: it must exist before any gRPC thread does (see sandbox/launcher.py).
+        # On cgroup v2 under systemd (Delegate=yes) the daemon's cgroup must become an inner node before the
+        # launcher joins it: setup() moves only this process into a leaf, while it is still alone there.
+        try:
+            cgroups.detect(self.config.sandbox.cgroup_parent_name, self.config.sandbox.cgroup_parent_path or None).setup()
+        except cgroups.CgroupError as e:
+            raise ConfigError(f"cgroups: {e}") from None
+        # The launcher next: it must exist before any gRPC thread does (see sandbox/launcher.py).
         await self.launcher.start()
         os.makedirs(self.config.server.state_dir, mode=0o700, exist_ok=True)
         self.store = await self._call(Store, os.path.join(self.config.server.state_dir, "sandboxd.db"))

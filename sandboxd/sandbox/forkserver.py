@@ -72,7 +72,10 @@ class ForkServer:
         while not (self.stopping and not self.runs):
             timeout = CPU_POLL if self.runs else None
             for key, _ in self.sel.select(timeout):
-                key.data(key.fileobj)
+                try:
+                    key.data(key.fileobj)
+                except Exception:  # noqa: BLE001 - one run's trouble must never take the launcher down
+                    log.exception("launcher: handling %r failed", key.fileobj)
             self.tick()
         self.driver.teardown()
 
@@ -186,6 +189,8 @@ class ForkServer:
             os.kill(run.pid, signal.SIGKILL)
 
     def on_status(self, run: Run) -> None:
+        if run.status_r < 0:  # on_exit already drained and closed it earlier in the same select() batch
+            return
         try:
             data = os.read(run.status_r, 65536)
         except BlockingIOError:
@@ -217,6 +222,8 @@ class ForkServer:
                 run.exit = msg
 
     def on_exit(self, run: Run) -> None:
+        if run.spec.run_id not in self.runs:  # already finished earlier in the same select() batch
+            return
         os.waitpid(run.pid, 0)
         if run.status_r >= 0:  # drain what init wrote before it died
             self.sel.unregister(run.status_r)
