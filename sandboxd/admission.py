@@ -13,7 +13,7 @@ import contextlib
 import os
 from typing import AsyncIterator
 
-from .errors import Overloaded
+from .errors import Overloaded, RateLimited
 
 
 def default_max_concurrent() -> int:
@@ -28,6 +28,7 @@ class Admission:
         self.max_concurrent = max_concurrent or default_max_concurrent()
         self.max_queue, self.max_wait, self.per_principal = max_queue, max_wait, per_principal
         self.active: collections.Counter[str] = collections.Counter()
+        self.limits: dict[str, int] = {}
         self.waiting: dict[str, collections.deque[asyncio.Future]] = collections.OrderedDict()
 
     def reconfigure(self, max_concurrent: int, max_queue: int, max_wait: float) -> None:
@@ -44,16 +45,24 @@ class Admission:
     def queued(self) -> int:
         return sum(len(q) for q in self.waiting.values())
 
+    def _limit(self, principal: str) -> int:
+        return self.limits.get(principal, self.per_principal)
+
     def _may_run(self, principal: str) -> bool:
-        return self.running < self.max_concurrent and (not self.per_principal
-                                                       or self.active[principal] < self.per_principal)
+        limit = self._limit(principal)
+        return self.running < self.max_concurrent and (not limit or self.active[principal] < limit)
 
     @contextlib.asynccontextmanager
-    async def slot(self, principal: str = "") -> AsyncIterator[float]:
-        """Hold a run slot for the body; yields the seconds spent waiting."""
+    async def slot(self, principal: str = "", limit: int = 0) -> AsyncIterator[float]:
+        """Hold a run slot for the body; yields the seconds spent waiting. `limit` caps this principal's
+        concurrent runs (its policy's max_concurrent); waiting past it does not block other principals."""
         loop = asyncio.get_running_loop()
         start = loop.time()
-        if not self.queued and self._may_run(principal):
+        if limit:
+            self.limits[principal] = limit
+        # Waiters that could use a free slot are granted the moment it frees (see _grant), so anyone still
+        # queued while a slot is free is held back by their own per-principal limit: no queue-jumping here.
+        if not self.waiting.get(principal) and self._may_run(principal):
             self.active[principal] += 1
         else:
             if self.queued >= self.max_queue:
@@ -63,17 +72,20 @@ class Admission:
             fut = loop.create_future()
             self.waiting.setdefault(principal, collections.deque()).append(fut)
             try:
-                await asyncio.wait_for(asyncio.shield(fut), self.max_wait)
-            except (asyncio.TimeoutError, asyncio.CancelledError) as e:
+                # asyncio.wait (unlike wait_for on 3.11) never swallows a cancellation that races the grant.
+                await asyncio.wait({fut}, timeout=self.max_wait)
+            except asyncio.CancelledError:
                 if fut.done() and not fut.cancelled():
-                    self._release(principal)  # granted just as we gave up: pass it on
+                    self._release(principal)  # granted just as the caller gave up: pass the slot on
                 else:
                     fut.cancel()
                     self._forget(principal, fut)
-                if isinstance(e, asyncio.TimeoutError):
-                    raise Overloaded(f"no run slot became free within {self.max_wait:g}s "
-                                     f"({self.running} running, {self.queued} queued)", retry_after=2.0) from None
                 raise
+            if not fut.done():
+                fut.cancel()
+                self._forget(principal, fut)
+                raise Overloaded(f"no run slot became free within {self.max_wait:g}s "
+                                 f"({self.running} running, {self.queued} queued)", retry_after=2.0)
         try:
             yield loop.time() - start
         finally:
@@ -100,7 +112,8 @@ class Admission:
                 return
             principal, q = next(iter(self.waiting.items()))
             self.waiting.move_to_end(principal)  # next grant goes to the next principal
-            if self.per_principal and self.active[principal] >= self.per_principal:
+            limit = self._limit(principal)
+            if limit and self.active[principal] >= limit:
                 continue
             fut = q.popleft()
             if not q:
@@ -108,3 +121,23 @@ class Admission:
             if not fut.done():
                 self.active[principal] += 1
                 fut.set_result(None)
+
+
+class RateLimiter:
+    """Runs per minute per principal, over a sliding window (one timestamp per accepted run)."""
+
+    def __init__(self, window: float = 60.0):
+        self.window = window
+        self.seen: dict[str, collections.deque[float]] = {}
+
+    def check(self, principal: str, per_minute: int, now: float) -> None:
+        if not per_minute:
+            return
+        q = self.seen.setdefault(principal, collections.deque())
+        while q and q[0] <= now - self.window:
+            q.popleft()
+        if len(q) >= per_minute:
+            retry = q[0] + self.window - now
+            raise RateLimited(f"principal {principal!r} is limited to {per_minute} runs per minute; "
+                              f"retry in {retry:.1f}s", retry_after=max(retry, 0.1))
+        q.append(now)

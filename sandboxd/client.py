@@ -18,6 +18,7 @@ This module's names are the stable API; everything else in the package may chang
 """
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from typing import Iterator, Mapping, Sequence
@@ -95,6 +96,13 @@ def _limits_dict(msg: pb.Limits) -> dict:
             "pids": msg.pids, "output": msg.output_bytes}
 
 
+def _read(path: str | None) -> bytes | None:
+    if not path:
+        return None
+    with open(path, "rb") as f:
+        return f.read()
+
+
 def _error(e: grpc.RpcError) -> SandboxdError:
     retry = None
     for key, value in (e.trailing_metadata() or ()):
@@ -104,14 +112,45 @@ def _error(e: grpc.RpcError) -> SandboxdError:
 
 
 class Client:
+    """A connection to sandboxd.
+
+    target: "unix:///path.sock" or "host:port" (default $SANDBOXD_TARGET, else the standard unix socket).
+    token: a bearer token (default $SANDBOXD_TOKEN); sent only over TLS or a unix socket unless
+        allow_insecure_token is set.
+    tls_ca / tls_cert / tls_key: PEM files for TLS to a TCP target (the CA to verify the server; a client
+        certificate and key for mTLS).
+    agent_name / agent_version / agent_tool / session_id / traceparent: claims recorded with every run
+        (defaults: $SANDBOXD_AGENT_NAME, $SANDBOXD_AGENT_VERSION). Claims never replace the authenticated
+        identity.
+    """
+
     def __init__(self, target: str | None = None, metadata: Sequence[tuple[str, str]] = (),
-                 credentials: grpc.ChannelCredentials | None = None, options: Sequence = ()):
+                 credentials: grpc.ChannelCredentials | None = None, options: Sequence = (), *,
+                 token: str | None = None, tls_ca: str | None = None, tls_cert: str | None = None,
+                 tls_key: str | None = None, agent_name: str | None = None, agent_version: str | None = None,
+                 agent_tool: str | None = None, session_id: str | None = None, traceparent: str | None = None,
+                 allow_insecure_token: bool = False, tls_server_name: str | None = None):
         self.target = target or os.environ.get("SANDBOXD_TARGET") or DEFAULT_TARGET
         opts = [("grpc.max_receive_message_length", 8 << 20), ("grpc.max_send_message_length", 64 << 20), *options]
+        if tls_server_name:
+            opts.append(("grpc.ssl_target_name_override", tls_server_name))
+        if credentials is None and (tls_ca or tls_cert):
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=_read(tls_ca), private_key=_read(tls_key), certificate_chain=_read(tls_cert))
         self.channel = (grpc.secure_channel(self.target, credentials, opts) if credentials
                         else grpc.insecure_channel(self.target, opts))
         self.stub = pb_grpc.SandboxStub(self.channel)
-        self.metadata = tuple(metadata)
+        md = list(metadata)
+        token = token if token is not None else os.environ.get("SANDBOXD_TOKEN")
+        if token:
+            if not (credentials or self.target.startswith("unix") or allow_insecure_token):
+                raise ValueError("refusing to send a token over plain TCP: pass tls_ca (or allow_insecure_token)")
+            md.append(("authorization", f"Bearer {token}"))
+        claims = {"x-agent-name": agent_name or os.environ.get("SANDBOXD_AGENT_NAME"),
+                  "x-agent-version": agent_version or os.environ.get("SANDBOXD_AGENT_VERSION"),
+                  "x-agent-tool": agent_tool, "x-session-id": session_id, "traceparent": traceparent}
+        md += [(k, v) for k, v in claims.items() if v]
+        self.metadata = tuple(md)
 
     def __enter__(self) -> "Client":
         return self
@@ -166,6 +205,28 @@ class Client:
         if result is None:
             raise SandboxdError("INTERNAL", "the stream ended without a result")
         return Result(**{**result.__dict__, "stdout": b"".join(out["stdout"]), "stderr": b"".join(out["stderr"])})
+
+    def get_run(self, run_id: str, timeout: float | None = 10) -> dict:
+        """The record of one run as a dict (see docs/identity.md for its keys). Admins read any run; others
+        their own (another principal's run raises SandboxdError NOT_FOUND)."""
+        try:
+            msg = self.stub.GetRun(pb.GetRunRequest(run_id=run_id), timeout=timeout, metadata=self.metadata)
+        except grpc.RpcError as e:
+            raise _error(e) from None
+        return json.loads(msg.record_json)
+
+    def list_runs(self, *, principal: str = "", agent: str = "", runner: str = "", outcome: str = "",
+                  since: str = "", until: str = "", limit: int = 50, page_token: str = "",
+                  timeout: float | None = 10) -> tuple[list[dict], str]:
+        """(records newest first, next page token or ""). Times are RFC 3339."""
+        try:
+            msg = self.stub.ListRuns(pb.ListRunsRequest(principal=principal, agent=agent, runner=runner,
+                                                        outcome=outcome, since=since, until=until, limit=limit,
+                                                        page_token=page_token),
+                                     timeout=timeout, metadata=self.metadata)
+        except grpc.RpcError as e:
+            raise _error(e) from None
+        return [json.loads(r.record_json) for r in msg.runs], msg.next_page_token
 
     def runners(self, timeout: float | None = 10) -> list[RunnerInfo]:
         try:

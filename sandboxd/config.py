@@ -8,6 +8,7 @@ runners/, the images in images/.
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import os
 import pathlib
 import re
@@ -21,8 +22,8 @@ from .units import parse_duration, parse_size
 
 PACKAGE_DIR = pathlib.Path(__file__).resolve().parent
 SOURCE_ROOT = PACKAGE_DIR.parent
-NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
-ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}\Z")
+ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}\Z")
 
 # Which limits a request may lower, and how each is written in files.
 DURATIONS = ("wall_time", "cpu_time")
@@ -44,6 +45,88 @@ def _first_existing(*paths: pathlib.Path) -> str:
 
 
 @dataclass(frozen=True)
+class PrincipalEntry:
+    """Names a caller and gives it groups and roles. Matched by unix uid, user or group, or certificate id."""
+
+    name: str
+    unix_uids: tuple[int, ...] = ()
+    unix_users: tuple[str, ...] = ()
+    unix_groups: tuple[str, ...] = ()
+    cert_ids: tuple[str, ...] = ()
+    groups: tuple[str, ...] = ()
+    roles: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class TokenEntry:
+    principal: str
+    sha256: str                          # of the token; the token itself is never stored
+    expires: dt.datetime | None = None
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Who may use which runners, with which ceilings. The first policy matching a principal applies."""
+
+    name: str
+    principals: tuple[str, ...]          # principal names, "group:G", "unix-uid:N", "unix-user:U", "unix-group:G", "*"
+    runners: tuple[str, ...] = ("*",)
+    network: bool = False
+    max_concurrent: int = 0              # per principal; 0: only the daemon-wide limit
+    runs_per_minute: int = 0             # per principal; 0: unlimited
+    store_code: bool = True
+    store_output: bool = False
+    limits: Limits | None = None         # ceilings (a request can only lower them); None: the runner's maximum
+
+    def matches(self, tags) -> bool:
+        return "*" in self.principals or any(p in tags for p in self.principals)
+
+    def allows_runner(self, runner: str) -> bool:
+        return "*" in self.runners or runner in self.runners
+
+
+@dataclass(frozen=True)
+class Identity:
+    principals: tuple[PrincipalEntry, ...] = ()
+    tokens: tuple[TokenEntry, ...] = ()
+    policies: tuple[Policy, ...] = ()
+
+    def principal(self, name: str) -> PrincipalEntry | None:
+        return next((p for p in self.principals if p.name == name), None)
+
+    def match_unix(self, uid: int, user: str | None, groups: set[str]) -> PrincipalEntry | None:
+        for p in self.principals:
+            if uid in p.unix_uids or (user and user in p.unix_users) or groups & set(p.unix_groups):
+                return p
+        return None
+
+    def match_cert(self, cert_id: str) -> PrincipalEntry | None:
+        return next((p for p in self.principals if cert_id in p.cert_ids), None)
+
+
+def default_identity() -> Identity:
+    """Built in: root (admin) and the daemon's own group on the unix socket may run anything; nobody else."""
+    return Identity(
+        principals=(PrincipalEntry("root", unix_uids=(0,), roles=("admin",)),),
+        policies=(Policy("local-root", principals=("unix-uid:0",)),
+                  Policy("local-daemon-group", principals=(f"unix-gid:{os.getgid()}",))))
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    cert: str = ""
+    key: str = ""
+    client_ca: str = ""                  # set: client certificates are verified (mTLS identities)
+    require_client_cert: bool = False    # false: callers without a certificate may use tokens
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    retention: float = 0.0               # seconds; 0 keeps every event forever
+    prune_interval: float = 3600.0
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     listen: tuple[str, ...] = ("unix:///run/sandboxd/sandboxd.sock",)
     socket_mode: int = 0o660
@@ -52,6 +135,7 @@ class ServerConfig:
     max_request_bytes: int = 16 << 20
     metrics_listen: str = "127.0.0.1:9464"
     shutdown_grace: float = 10.0
+    insecure_tcp: bool = False           # allow TCP without TLS (tokens are still required)
 
 
 @dataclass(frozen=True)
@@ -89,6 +173,9 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     default_limits: Limits = field(default_factory=Limits)
     max_limits: Limits = DEFAULT_MAX
+    identity: Identity = field(default_factory=default_identity)
+    tls: TlsConfig | None = None
+    store: StoreConfig = field(default_factory=StoreConfig)
     source: str = "<built-in default>"
 
 
@@ -182,12 +269,17 @@ def parse(text: str, path: str) -> Config:
         state_dir=s.get("state_dir", "str", d.state_dir), runtime_dir=s.get("runtime_dir", "str", d.runtime_dir),
         max_request_bytes=s.get("max_request_bytes", "size", d.max_request_bytes),
         metrics_listen=s.get("metrics_listen", "str", d.metrics_listen),
-        shutdown_grace=s.get("shutdown_grace", "duration", d.shutdown_grace))
+        shutdown_grace=s.get("shutdown_grace", "duration", d.shutdown_grace),
+        insecure_tcp=s.get("insecure_tcp", "bool", d.insecure_tcp))
+    tls = _tls(path, s.table_of("tls")) if "tls" in s.table else None
     s.done()
     if not server.listen:
         raise ConfigError(f"{path}: server.listen: expected at least one address")
     for addr in server.listen:
         validate_listen(addr, f"{path}: server.listen")
+        if not addr.startswith("unix://") and tls is None and not server.insecure_tcp:
+            raise ConfigError(f"{path}: server.listen: {addr!r}: a TCP listener needs [server.tls] (or "
+                              f"server.insecure_tcp = true, and then every caller must send a token)")
     b = _Reader(path, top.table_of("sandbox"), "sandbox.")
     d2 = SandboxConfig()
     sandbox = SandboxConfig(
@@ -227,9 +319,95 @@ def parse(text: str, path: str) -> Config:
         f.name: min(getattr(default_limits, f.name), getattr(max_limits, f.name))
         for f in dataclasses.fields(Limits) if f.name not in given})
     check_within(path, "limits.default.", default_limits, max_limits)
+    identity = _identity(path, top, max_limits)
+    st = _Reader(path, top.table_of("store"), "store.")
+    store = StoreConfig(retention=st.get("retention", "duration", 0.0),
+                        prune_interval=st.get("prune_interval", "duration", 3600.0))
+    st.done()
     top.done()
     return Config(server=server, sandbox=sandbox, admission=admission, logging=logging_cfg,
-                  default_limits=default_limits, max_limits=max_limits, source=path)
+                  default_limits=default_limits, max_limits=max_limits, identity=identity, tls=tls, store=store,
+                  source=path)
+
+
+def _tls(path: str, table: dict) -> TlsConfig:
+    r = _Reader(path, table, "server.tls.")
+    tls = TlsConfig(cert=_rel(path, r.get("cert", "str", "")), key=_rel(path, r.get("key", "str", "")),
+                    client_ca=_rel(path, r.get("client_ca", "str", "")) if r.table.get("client_ca") else "",
+                    require_client_cert=r.get("require_client_cert", "bool", False))
+    r.done()
+    if not tls.cert or not tls.key:
+        raise ConfigError(f"{path}: server.tls: expected cert and key (PEM files)")
+    if tls.require_client_cert and not tls.client_ca:
+        raise ConfigError(f"{path}: server.tls.require_client_cert: needs client_ca to verify certificates")
+    return tls
+
+
+def _list_of_tables(path: str, top: _Reader, key: str) -> list[dict]:
+    top.seen.add(key)
+    v = top.table.get(key, [])
+    if not isinstance(v, list) or not all(isinstance(t, dict) for t in v):
+        raise ConfigError(f"{path}: {key}: expected an array of tables ([[{key}]])")
+    return v
+
+
+def _identity(path: str, top: _Reader, max_limits: Limits) -> Identity:
+    principals, tokens, policies = [], [], []
+    for i, t in enumerate(_list_of_tables(path, top, "principals")):
+        r = _Reader(path, t, f"principals[{i}].")
+        name = r.get("name", "str", "")
+        if not name:
+            raise ConfigError(f"{path}: principals[{i}].name: expected a non-empty name")
+        uids = r.table.get("unix_uids", [])
+        r.seen.add("unix_uids")
+        if not isinstance(uids, list) or not all(isinstance(u, int) and u >= 0 for u in uids):
+            raise ConfigError(f"{path}: principals[{i}].unix_uids: expected a list of uids")
+        principals.append(PrincipalEntry(
+            name=name, unix_uids=tuple(uids), unix_users=r.get("unix_users", "strs", ()),
+            unix_groups=r.get("unix_groups", "strs", ()), cert_ids=r.get("cert_ids", "strs", ()),
+            groups=r.get("groups", "strs", ()), roles=r.get("roles", "strs", ())))
+        r.done()
+    for i, t in enumerate(_list_of_tables(path, top, "tokens")):
+        r = _Reader(path, t, f"tokens[{i}].")
+        principal = r.get("principal", "str", "")
+        digest = r.get("sha256", "str", "").lower()
+        expires = r.get("expires", "str", "")
+        r.done()
+        if not principal:
+            raise ConfigError(f"{path}: tokens[{i}].principal: expected the principal this token authenticates")
+        if not re.fullmatch(r"[0-9a-f]{64}", digest):
+            raise ConfigError(f"{path}: tokens[{i}].sha256: expected 64 hex digits (sandboxd token new prints it)")
+        when = None
+        if expires:
+            try:
+                when = dt.datetime.fromisoformat(expires.replace("Z", "+00:00"))
+            except ValueError:
+                raise ConfigError(f"{path}: tokens[{i}].expires: expected an RFC 3339 time, got {expires!r}") from None
+            if when.tzinfo is None:
+                when = when.replace(tzinfo=dt.timezone.utc)
+        tokens.append(TokenEntry(principal, digest, when))
+    for i, t in enumerate(_list_of_tables(path, top, "policies")):
+        r = _Reader(path, t, f"policies[{i}].")
+        name = r.get("name", "str", f"policy-{i}")
+        ceiling = None
+        if "limits" in r.table:
+            ceiling = read_limits(path, r.table_of("limits"), f"policies[{i}].limits.", max_limits)
+            check_within(path, f"policies[{i}].limits.", ceiling, max_limits)
+        policy = Policy(
+            name=name, principals=r.get("principals", "strs", ()), runners=r.get("runners", "strs", ("*",)),
+            network=r.get("network", "bool", False), max_concurrent=r.get("max_concurrent", "int", 0),
+            runs_per_minute=r.get("runs_per_minute", "int", 0), store_code=r.get("store_code", "bool", True),
+            store_output=r.get("store_output", "bool", False), limits=ceiling)
+        r.done()
+        if not policy.principals:
+            raise ConfigError(f"{path}: policies[{i}].principals: expected at least one principal, group or \"*\"")
+        if policy.network:
+            raise ConfigError(f"{path}: policies[{i}].network: network access for runs is not implemented; "
+                              f"every run has only its own loopback (set false or remove)")
+        policies.append(policy)
+    if not principals and not tokens and not policies:
+        return default_identity()  # a file that only tunes limits keeps the safe built-in access rules
+    return Identity(tuple(principals), tuple(tokens), tuple(policies))
 
 
 def _rel(config_path: str, value: str) -> str:
@@ -253,7 +431,9 @@ def load(path: str | None = None) -> Config:
     if path is None:
         return Config()
     try:
-        text = pathlib.Path(path).read_text()
+        text = pathlib.Path(path).read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: expected UTF-8 text (TOML), found an invalid byte at offset {e.start}") from None
     return parse(text, path)

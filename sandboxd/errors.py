@@ -43,6 +43,18 @@ class Overloaded(SandboxError):
         self.retry_after = retry_after
 
 
+class NotAllowed(SandboxError):
+    """The caller is authenticated but no policy allows this (principal, runner)."""
+
+    reason = "permission_denied"
+
+
+class RateLimited(Overloaded):
+    """The caller's policy allows only so many runs per minute."""
+
+    reason = "rate_limited"
+
+
 class SetupFailed(SandboxError):
     """The sandbox could not be built (the launcher is down, a cgroup could not be created)."""
 

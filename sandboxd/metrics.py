@@ -51,9 +51,6 @@ class Metrics:
     def queue_wait(self, seconds: float) -> None:
         self.queue_wait_s.observe(seconds)
 
-    def run_started(self, runner: str) -> None:
-        pass
-
     def run_finished(self, runner: str, result) -> None:
         self.runs.labels(runner, result.outcome.value).inc()
         if result.setup_seconds is not None:

@@ -11,15 +11,15 @@ import math
 import re
 from dataclasses import dataclass, field
 
-from .config import ENV_NAME_RE
-from .errors import InvalidRequest, NotFound, TooLarge, Unavailable
+from .config import ENV_NAME_RE, Identity, Policy
+from .errors import InvalidRequest, NotAllowed, NotFound, TooLarge, Unavailable
 from .runners import Runner
 from .sandbox.spec import File, ImageSpec, Limits, RunSpec, SeccompProgram
 
 MAX_ARGS = 1024
 MAX_FILES = 256
 MAX_PATH_DEPTH = 8
-RUNNER_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
+RUNNER_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}\Z")
 REQUEST_LIMITS = ("wall_time", "cpu_time", "memory", "pids", "output")
 
 
@@ -37,8 +37,24 @@ class RunRequest:
 
     @property
     def size(self) -> int:
-        return (len(self.code) + len(self.stdin) + sum(len(a) for a in self.args)
-                + sum(len(k) + len(v) for k, v in self.env) + sum(len(p) + len(d) for p, d in self.files))
+        def n(text: str) -> int:  # bytes on the wire and in the sandbox, not characters
+            return len(text.encode("utf-8", "surrogatepass"))
+        return (len(self.code) + len(self.stdin) + sum(n(a) for a in self.args)
+                + sum(n(k) + n(v) for k, v in self.env) + sum(n(p) + len(d) for p, d in self.files))
+
+
+def authorize(principal, runner: str, identity: Identity) -> Policy:
+    """The first policy that matches the principal and allows the runner. Default deny: no match, no run."""
+    tags = principal.tags | {principal.id}
+    matching = [p for p in identity.policies if p.matches(tags)]
+    if not matching:
+        raise NotAllowed(f"principal {principal.id!r} ({principal.method}) is not allowed to run anything: "
+                         f"no policy names it")
+    for p in matching:
+        if p.allows_runner(runner):
+            return p
+    raise NotAllowed(f"principal {principal.id!r} may not use runner {runner!r} "
+                     f"(policies {', '.join(p.name for p in matching)} do not list it)")
 
 
 def resolve_limits(requested: dict, runner: Runner, ceiling: Limits | None = None) -> Limits:

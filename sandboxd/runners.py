@@ -45,6 +45,7 @@ def resolve_in(root: str, path: str, depth: int = 0) -> str | None:
     Returns the host path of the final file, or None if it does not exist."""
     if depth > 16:
         return None
+    root = os.path.normpath(root)  # "/img/" and "/img" must compare equal, or ".." could climb out
     current = root
     parts = [p for p in path.split("/") if p not in ("", ".")]
     while parts:
@@ -72,8 +73,8 @@ def load_images(images_dir: str) -> dict[str, ImageSpec]:
     images: dict[str, ImageSpec] = {}
     for path in sorted(pathlib.Path(images_dir).glob("*/image.toml")):
         try:
-            doc = tomllib.loads(path.read_text())
-        except (OSError, tomllib.TOMLDecodeError) as e:
+            doc = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
             raise ConfigError(f"{path}: invalid image definition: {e}") from None
         r = _Reader(str(path), doc, "")
         name = r.get("name", "str", path.parent.name)
@@ -89,8 +90,7 @@ def load_images(images_dir: str) -> dict[str, ImageSpec]:
         for entry in (*entries, *etc):
             if "/" in entry.strip("/") and entry not in etc or entry in ("", ".", "..") or ".." in entry.split("/"):
                 raise ConfigError(f"{path}: entries: expected top-level names, got {entry!r}")
-        if not os.path.isabs(source):
-            source = str((path.parent / source).resolve())
+        source = str((path.parent / source).resolve()) if not os.path.isabs(source) else os.path.normpath(source)
         images[name] = ImageSpec(name=name, source=source, entries=tuple(entries), etc=tuple(etc))
     if "host" not in images:  # the default image needs no file
         images["host"] = ImageSpec(name="host", source="/")
@@ -99,8 +99,8 @@ def load_images(images_dir: str) -> dict[str, ImageSpec]:
 
 def load_runner(path: pathlib.Path, cfg: Config, images: dict[str, ImageSpec], profiles: set[str]) -> Runner:
     try:
-        doc = tomllib.loads(path.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as e:
+        doc = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
         raise ConfigError(f"{path}: invalid runner definition: {e}") from None
     p = str(path)
     r = _Reader(p, doc, "")

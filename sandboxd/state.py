@@ -19,7 +19,8 @@ import time
 from dataclasses import dataclass
 
 from . import __version__, config as config_mod, runners as runners_mod
-from .admission import Admission, default_max_concurrent
+from .admission import Admission, RateLimiter, default_max_concurrent
+from .auth import Authenticator, UnixPeerProxy
 from .config import Config
 from .errors import ConfigError
 from .metrics import Metrics
@@ -60,6 +61,8 @@ def build_catalog(cfg: Config) -> Catalog:
 
 
 class Daemon:
+    STORED_OUTPUT = 256 << 10   # bytes of each stream kept in the record when the policy stores output
+
     def __init__(self, cfg: Config):
         self.config = cfg
         self.catalog = build_catalog(cfg)
@@ -79,6 +82,18 @@ class Daemon:
         self.metrics.queue_depth.set_function(lambda: self.admission.queued)
         self._db = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sandboxd-store")
         self.store: Store | None = None
+        self.rates = RateLimiter()
+        self.proxy: UnixPeerProxy | None = None
+        self.landlock = "not applied"
+
+    @property
+    def authenticator(self) -> Authenticator:
+        # Built per call from the current configuration, so a reload changes principals and tokens at once.
+        return Authenticator(self.config.identity, self.proxy)
+
+    async def read(self, fn):
+        """Run a read of the store on its thread."""
+        return await self._call(lambda: fn(self.store))
 
     async def start(self) -> None:
         # On cgroup v2 under systemd (Delegate=yes) the daemon's cgroup must become an inner node before the
@@ -97,6 +112,17 @@ class Daemon:
         await self._call(self.store.append, "config.loaded", {
             "source": self.config.source, "config_sha256": self.catalog.config_sha256, "version": __version__,
             "runners": sorted(self.catalog.runners), "host": self.hostname})
+
+    async def prune(self) -> None:
+        """Retention: drop events older than store.retention, leaving a checkpoint so the chain still verifies."""
+        retention = self.config.store.retention
+        if not retention:
+            return
+        cutoff = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(time.time() - retention)) + ".000000Z"
+        cp = await self._call(self.store.prune, cutoff)
+        if cp.pruned_count:
+            log.info("retention: pruned %d events older than %s (checkpoint at seq %d)", cp.pruned_count, cutoff,
+                     cp.seq_upto)
 
     async def stop(self) -> None:
         await self.launcher.stop()

@@ -9,6 +9,7 @@ exception; only failures of sandboxd itself raise.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import dataclasses
 import enum
@@ -47,6 +48,7 @@ class StreamStats:
     delivered: int = 0         # bytes passed on (<= the cap)
     truncated: bool = False
     sha256: "hashlib._Hash" = field(default_factory=hashlib.sha256)
+    kept: bytearray = field(default_factory=bytearray)   # what the record stores, when the policy says so
 
 
 @dataclass(frozen=True)
@@ -67,10 +69,16 @@ class RunResult:
     message: str = ""
     setup_seconds: float | None = None   # request accepted -> payload exec'd
     oom_kills: int = 0
+    stored_stdout: bytes = b""
+    stored_stderr: bytes = b""
 
     def as_record(self) -> dict:
         d = dataclasses.asdict(self)
         d["outcome"] = self.outcome.value
+        for stream in ("stdout", "stderr"):
+            data = d.pop(f"stored_{stream}")
+            if data:
+                d[f"{stream}_stored_b64"] = base64.b64encode(data).decode()
         return d
 
 
@@ -127,8 +135,8 @@ class ActiveRun:
     """A run in flight. Its task runs to the end whatever the consumer does, so a result (and a record) exists
     for every run, including one whose client went away."""
 
-    def __init__(self, spec: RunSpec):
-        self.spec = spec
+    def __init__(self, spec: RunSpec, keep_output: int = 0):
+        self.spec, self.keep_output = spec, keep_output
         self.queue: asyncio.Queue = asyncio.Queue(QUEUE)
         self.result: asyncio.Future[RunResult] = asyncio.get_running_loop().create_future()
         self.started: asyncio.Future[float | None] = asyncio.get_running_loop().create_future()
@@ -156,12 +164,12 @@ class Supervisor:
         self.launcher, self.uids = launcher, uids
         self.active: dict[str, ActiveRun] = {}
 
-    async def start(self, spec: RunSpec, stdin: bytes, accepted_at: float) -> ActiveRun:
+    async def start(self, spec: RunSpec, stdin: bytes, accepted_at: float, keep_output: int = 0) -> ActiveRun:
         """Allocate a uid, hand the run to the launcher and start streaming. Raises SetupFailed or Overloaded
         before anything runs; after that, every failure is part of the RunResult."""
         uid = self.uids.take()
         spec = dataclasses.replace(spec, uid=uid, gid=uid)
-        run = ActiveRun(spec)
+        run = ActiveRun(spec, keep_output)
         out_r, out_w = os.pipe2(os.O_CLOEXEC)
         err_r, err_w = os.pipe2(os.O_CLOEXEC)
         try:
@@ -213,7 +221,8 @@ class Supervisor:
             stdout_bytes=stats["stdout"].written, stderr_bytes=stats["stderr"].written,
             stdout_truncated=stats["stdout"].truncated, stderr_truncated=stats["stderr"].truncated,
             stdout_sha256=stats["stdout"].sha256.hexdigest(), stderr_sha256=stats["stderr"].sha256.hexdigest(),
-            message=message, setup_seconds=(exec_at - accepted_at) if exec_at else None, oom_kills=fin.oom_kills))
+            message=message, setup_seconds=(exec_at - accepted_at) if exec_at else None, oom_kills=fin.oom_kills,
+            stored_stdout=bytes(stats["stdout"].kept), stored_stderr=bytes(stats["stderr"].kept)))
 
     async def _pump(self, fd: int, name: str, st: StreamStats, run: ActiveRun, limited: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
@@ -229,6 +238,8 @@ class Supervisor:
                     part = chunk[:room]
                     st.delivered += len(part)
                     st.sha256.update(part)
+                    if len(st.kept) < run.keep_output:
+                        st.kept += part[:run.keep_output - len(st.kept)]
                     if run.cancel_reason is None:
                         await run.queue.put((name, part))
                 if st.written > cap and not st.truncated:

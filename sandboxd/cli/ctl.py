@@ -17,6 +17,12 @@ EXIT_TIMEOUT = 124
 EXIT_REFUSED = 125
 
 
+def _client(args) -> Client:
+    return Client(args.target, token=args.token, tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key,
+                  agent_name=args.agent_name, agent_version=args.agent_version,
+                  tls_server_name=args.tls_server_name)
+
+
 def _read_source(path: str) -> str:
     if path == "-":
         return sys.stdin.read()
@@ -54,7 +60,7 @@ def cmd_run(args) -> int:
     except ValueError as e:
         print(f"sandboxctl: --memory: {e}", file=sys.stderr)
         return EXIT_REFUSED
-    with Client(args.target) as client:
+    with _client(args) as client:
         try:
             runner = args.runner or _pick_runner(client, args.file)
             events = client.execute(code, runner, args=args.args, wall_time=args.timeout or 0, memory=memory)
@@ -97,8 +103,57 @@ def cmd_run(args) -> int:
     return exit_status(result)
 
 
+def _record_view(rec: dict) -> dict:
+    """The record as `runs show --json` prints it: the stable keys first, everything else after."""
+    agent = rec.get("agent") or {}
+    view = {"run_id": rec.get("run_id"), "principal": rec.get("principal"), "auth_method": rec.get("auth_method"),
+            "agent": {"name": agent.get("name"), "version": agent.get("version"), **agent},
+            "policy": rec.get("policy"), "runner": rec.get("runner"), "code_sha256": rec.get("code_sha256"),
+            "outcome": rec.get("outcome"), "exit_code": rec.get("exit_code"), "received_at": rec.get("received_at"),
+            "finished_at": rec.get("finished_at")}
+    return {**view, **{k: v for k, v in rec.items() if k not in view}}
+
+
+def cmd_runs_list(args) -> int:
+    with _client(args) as client:
+        try:
+            runs, token = client.list_runs(principal=args.principal or "", agent=args.agent or "",
+                                           runner=args.runner or "", outcome=args.outcome or "",
+                                           since=args.since or "", until=args.until or "", limit=args.limit)
+        except SandboxdError as e:
+            print(f"sandboxctl: {e.code.lower()}: {e.message}", file=sys.stderr)
+            return EXIT_REFUSED
+    if args.json:
+        print(json.dumps({"runs": [_record_view(r) for r in runs], "next_page_token": token}))
+        return 0
+    print(f"{'RUN ID':<30}{'RECEIVED':<29}{'PRINCIPAL':<16}{'AGENT':<16}{'RUNNER':<10}OUTCOME")
+    for r in runs:
+        agent = (r.get("agent") or {}).get("name") or "-"
+        print(f"{r.get('run_id', ''):<30}{str(r.get('received_at', '')):<29}{str(r.get('principal') or '-'):<16}"
+              f"{agent:<16}{str(r.get('runner') or '-'):<10}{r.get('outcome') or 'running'}")
+    return 0
+
+
+def cmd_runs_show(args) -> int:
+    with _client(args) as client:
+        try:
+            rec = client.get_run(args.run_id)
+        except SandboxdError as e:
+            print(f"sandboxctl: {e.code.lower()}: {e.message}", file=sys.stderr)
+            return EXIT_REFUSED
+    view = _record_view(rec)
+    if args.json:
+        print(json.dumps(view))
+        return 0
+    for key, value in view.items():
+        if key in ("code", "spec") or key.endswith("_b64"):
+            continue
+        print(f"{key:<20} {json.dumps(value) if isinstance(value, (dict, list)) else value}")
+    return 0
+
+
 def cmd_runners(args) -> int:
-    with Client(args.target) as client:
+    with _client(args) as client:
         try:
             runners = client.runners()
         except SandboxdError as e:
@@ -123,6 +178,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--version", action="version", version=f"sandboxctl {__version__}")
     p.add_argument("--target", help="unix:///path.sock or host:port (default: $SANDBOXD_TARGET or "
                                     "unix:///run/sandboxd/sandboxd.sock)")
+    p.add_argument("--token", default=None, help="bearer token (default: $SANDBOXD_TOKEN)")
+    p.add_argument("--tls-ca", help="CA bundle (PEM) to verify a TCP target's certificate")
+    p.add_argument("--tls-cert", help="client certificate (PEM) for mTLS")
+    p.add_argument("--tls-key", help="client key (PEM) for mTLS")
+    p.add_argument("--tls-server-name", help="expected name in the server certificate, if not the target's host")
+    p.add_argument("--agent-name", help="agent name claim recorded with runs (default: $SANDBOXD_AGENT_NAME)")
+    p.add_argument("--agent-version", help="agent version claim (default: $SANDBOXD_AGENT_VERSION)")
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="run a script (FILE, or - for stdin) and stream its output")
     r.add_argument("--runner", help="runner name (default: from the file extension, else python)")
@@ -132,6 +194,17 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("file", metavar="FILE|-")
     r.add_argument("args", nargs="*", help="arguments passed to the script (after --)")
     r.set_defaults(fn=cmd_run)
+    runs = sub.add_parser("runs", help="read run records").add_subparsers(dest="runs_cmd", required=True)
+    rl = runs.add_parser("list", help="runs, newest first (admins see every principal's)")
+    for flag in ("principal", "agent", "runner", "outcome", "since", "until"):
+        rl.add_argument(f"--{flag}")
+    rl.add_argument("--limit", type=int, default=50)
+    rl.add_argument("--json", action="store_true")
+    rl.set_defaults(fn=cmd_runs_list)
+    rs = runs.add_parser("show", help="one run's record")
+    rs.add_argument("run_id")
+    rs.add_argument("--json", action="store_true")
+    rs.set_defaults(fn=cmd_runs_show)
     ls = sub.add_parser("runners", help="list runners and their limits")
     ls.add_argument("--json", action="store_true")
     ls.set_defaults(fn=cmd_runners)

@@ -39,6 +39,24 @@ def _prepare_socket(path: str) -> None:
     os.unlink(path)  # a stale socket from a previous daemon
 
 
+def _tls_credentials(tls) -> grpc.ServerCredentials:
+    def read(path: str) -> bytes:
+        with open(path, "rb") as f:
+            return f.read()
+    return grpc.ssl_server_credentials([(read(tls.key), read(tls.cert))],
+                                       root_certificates=read(tls.client_ca) if tls.client_ca else None,
+                                       require_client_auth=tls.require_client_cert)
+
+
+async def _prune_forever(daemon) -> None:
+    while True:
+        try:
+            await daemon.prune()
+        except Exception:  # noqa: BLE001 - retention must never take the daemon down
+            log.exception("retention: pruning failed")
+        await asyncio.sleep(daemon.config.store.prune_interval)
+
+
 def start_metrics(daemon, listen: str) -> str | None:
     """Serve /metrics on HOST:PORT (port 0 picks a free one); returns the bound address, None when "off"."""
     if listen in ("", "off", "none"):
@@ -48,7 +66,7 @@ def start_metrics(daemon, listen: str) -> str | None:
     host = host.strip("[]") or "127.0.0.1"
     server, _thread = start_http_server(int(port), addr=host, registry=daemon.metrics.registry)
     daemon.metrics_server = server
-    return f"{host}:{server.server_port}"
+    return f"[{host}]:{server.server_port}" if ":" in host else f"{host}:{server.server_port}"
 
 
 async def watch_health(daemon, health_servicer, interval: float = 2.0) -> None:
@@ -92,20 +110,35 @@ async def serve(cfg: config_mod.Config, config_path: str | None = None, override
          reflection.SERVICE_NAME), server)
     sockets = []
     try:
+        # Unix callers reach gRPC through the peer-credential relay; the real socket is root-only.
+        private = os.path.join(cfg.server.runtime_dir, "private")
+        os.makedirs(private, mode=0o700, exist_ok=True)
+        os.chmod(private, 0o700)
+        internal = os.path.join(private, "grpc.sock")
+        _prepare_socket(internal)
+        server.add_insecure_port(f"unix://{internal}")
         for addr in cfg.server.listen:
             path = _unix_path(addr)
-            if path is None:
-                raise ConfigError(f"{cfg.source}: server.listen: {addr!r}: TCP listeners need authentication "
-                                  f"(TLS or tokens), which this version does not provide; use unix:///path.sock")
-            _prepare_socket(path)
-            server.add_insecure_port(addr)
-            sockets.append(path)
+            if path is not None:
+                _prepare_socket(path)
+                sockets.append(path)
+            elif cfg.tls is not None:
+                server.add_secure_port(addr, _tls_credentials(cfg.tls))
+            else:  # allowed by config only with insecure_tcp = true; the authenticator then demands tokens
+                log.warning("listening on %s WITHOUT TLS (server.insecure_tcp): tokens cross the network in clear",
+                            addr)
+                server.add_insecure_port(addr)
         await server.start()
+        from ..auth import UnixPeerProxy
+        daemon.proxy = UnixPeerProxy(internal)
+        for path in sockets:
+            await daemon.proxy.listen(path, cfg.server.socket_mode)
     except Exception:
+        await server.stop(0)
         await daemon.stop()
         raise
-    for path in sockets:
-        os.chmod(path, cfg.server.socket_mode)
+    sockets.append(internal)
+    pruner = asyncio.ensure_future(_prune_forever(daemon))
     log.info("sandboxd %s serving on %s (cgroup driver %s, state %s, metrics %s)", __version__,
              ", ".join(cfg.server.listen), daemon.launcher.driver, cfg.server.state_dir,
              f"http://{metrics_addr}/metrics" if metrics_addr else "off")
@@ -129,6 +162,7 @@ async def serve(cfg: config_mod.Config, config_path: str | None = None, override
         log.error("the launcher exited unexpectedly (status %s); shutting down", daemon.launcher.proc.returncode)
         code = 1
     watcher.cancel()
+    pruner.cancel()
     await health_servicer.enter_graceful_shutdown()
     log.info("shutting down: %d runs active, grace %gs", daemon.admission.running, cfg.server.shutdown_grace)
     grace = asyncio.ensure_future(server.stop(cfg.server.shutdown_grace))
@@ -136,6 +170,7 @@ async def serve(cfg: config_mod.Config, config_path: str | None = None, override
         await asyncio.wait_for(asyncio.shield(grace), cfg.server.shutdown_grace)
     await daemon.supervisor.cancel_all("shutdown")
     await grace
+    await daemon.proxy.close()
     await daemon.stop()
     if getattr(daemon, "metrics_server", None):
         daemon.metrics_server.shutdown()
@@ -203,6 +238,53 @@ def cmd_check_config(args) -> int:
     return 0
 
 
+def cmd_token_new(args) -> int:
+    from ..auth import hash_token, new_token
+    token = new_token()
+    print(token)
+    print(f"# paste into the configuration (the token itself is not stored anywhere):\n"
+          f"[[tokens]]\nprincipal = {json.dumps(args.principal)}\nsha256 = \"{hash_token(token)}\"", file=sys.stderr)
+    return 0
+
+
+def _db_path(args) -> str:
+    return os.path.join(args.state_dir, "sandboxd.db")
+
+
+def cmd_audit_verify(args) -> int:
+    from ..store import verify
+    path = _db_path(args)
+    if not os.path.exists(path):
+        print(f"sandboxd audit verify: {path}: no store here", file=sys.stderr)
+        return 2
+    result = verify(path)
+    if result.ok:
+        print(f"ok: {result.checked} events verified in {path}")
+        return 0
+    print(f"FAILED at event {result.first_bad_seq}: {result.reason} ({result.checked} events checked before it)")
+    return 1
+
+
+def cmd_audit_export(args) -> int:
+    import sqlite3
+    from ..store import canon
+    path = _db_path(args)
+    if args.format != "jsonl":
+        print(f"sandboxd audit export: unknown format {args.format!r} (expected jsonl)", file=sys.stderr)
+        return 2
+    # Read-only, straight from the file: works offline and never takes the daemon's write lock.
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    db.row_factory = sqlite3.Row
+    count = 0
+    for row in db.execute("SELECT * FROM events WHERE seq > ? ORDER BY seq", (args.since_seq,)):
+        line = dict(row)
+        line["data"] = json.loads(line["data"])
+        sys.stdout.write(canon(line) + "\n")
+        count += 1
+    print(f"exported {count} events", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="sandboxd", description="Run untrusted scripts in fresh Linux sandboxes.")
     p.add_argument("--version", action="version", version=f"sandboxd {__version__}")
@@ -217,6 +299,19 @@ def main(argv: list[str] | None = None) -> int:
     c = sub.add_parser("check-config", help="validate a configuration file and print the effective configuration")
     c.add_argument("file")
     c.set_defaults(fn=cmd_check_config)
+    t = sub.add_parser("token", help="bearer tokens").add_subparsers(dest="token_cmd", required=True)
+    tn = t.add_parser("new", help="print a fresh token and the config lines that accept it (as a hash)")
+    tn.add_argument("principal")
+    tn.set_defaults(fn=cmd_token_new)
+    a = sub.add_parser("audit", help="the tamper-evident run log").add_subparsers(dest="audit_cmd", required=True)
+    av = a.add_parser("verify", help="recompute the hash chain offline; exit 1 naming the first bad event")
+    av.add_argument("--state-dir", default="/var/lib/sandboxd")
+    av.set_defaults(fn=cmd_audit_verify)
+    ae = a.add_parser("export", help="events as JSON lines, for a log pipeline or SIEM")
+    ae.add_argument("--format", default="jsonl")
+    ae.add_argument("--state-dir", default="/var/lib/sandboxd")
+    ae.add_argument("--since-seq", type=int, default=0)
+    ae.set_defaults(fn=cmd_audit_export)
     args = p.parse_args(argv)
     return args.fn(args)
 

@@ -17,7 +17,7 @@ import time
 
 from sandboxd.sandbox.cgroups import CgroupError, CgroupLimits, RunCgroup, detect, host_hierarchies, make_driver
 
-PREFIX = f"sandboxd-test-{os.getpid()}"
+PREFIX = f"sandboxd-cgtest-{os.getpid()}"  # distinct from the daemon fixtures' parents (conftest)
 LINE_TIMEOUT = 30.0         # generous: the pure-v2 VM emulates its CPU
 JOIN = """\
 import os, sys
