@@ -124,7 +124,11 @@ def outcome_of(fin: Finished, spec: RunSpec, output_limited: bool) -> tuple[Outc
         name = signal.Signals(fin.signal).name if fin.signal in signal.Signals._value2member_map_ else str(fin.signal)
         msg = f"killed by {name}"
         if fin.signal == signal.SIGSYS:
-            msg += " (a system call the seccomp profile forbids)"
+            msg += " (a system call the seccomp profile forbids"
+            if fin.seccomp_kill:
+                from .sandbox.seccomp import describe_kill
+                msg += f": {describe_kill(fin.seccomp_kill['arch'], fin.seccomp_kill['nr'])}"
+            msg += ")"
         return Outcome.SIGNALED, msg
     if fin.exit_code is None:
         return Outcome.SETUP_FAILED, "the run ended without an exit status"

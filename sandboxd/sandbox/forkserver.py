@@ -22,6 +22,7 @@ import heapq
 import json
 import logging
 import os
+import re
 import selectors
 import signal
 import socket
@@ -57,6 +58,7 @@ class ForkServer:
         self.runs: dict[str, Run] = {}
         self.timers: list[tuple[float, str]] = []
         self.stopping = False
+        self.kmsg = KernelLog.open()
         self.wake_r, self.wake_w = socket.socketpair()
         self.wake_r.setblocking(False)
         self.wake_w.setblocking(False)
@@ -68,6 +70,8 @@ class ForkServer:
             signal.signal(sig, lambda *_: None)  # only wakes the loop; handled below as a shutdown
         self.sel.register(self.sock, selectors.EVENT_READ, self.on_control)
         self.sel.register(self.wake_r, selectors.EVENT_READ, self.on_signal)
+        if self.kmsg is not None:
+            self.sel.register(self.kmsg.fd, selectors.EVENT_READ, lambda _f: self.kmsg.drain())
         self.send(ev="ready", driver=self.driver.name, pid=os.getpid())
         while not (self.stopping and not self.runs):
             timeout = CPU_POLL if self.runs else None
@@ -235,6 +239,12 @@ class ForkServer:
         self.sel.unregister(run.pidfd)
         os.close(run.pidfd)
         ended = time.time()
+        sigsys = None
+        if run.exit.get("signal") == signal.SIGSYS and self.kmsg is not None:
+            self.kmsg.drain()
+            sigsys = self.kmsg.seccomp_kills.pop(run.spec.uid, None)
+        if self.kmsg is not None:
+            self.kmsg.seccomp_kills.pop(run.spec.uid, None)
         try:
             usage = run.cgroup.usage()
         except cgroups.CgroupError:
@@ -244,7 +254,7 @@ class ForkServer:
         self.send(ev="finished", run_id=run.spec.run_id, setup_error=run.setup_error, kill_reason=run.kill_reason,
                   exit_code=run.exit.get("code"), signal=run.exit.get("signal"), cpu_ns=usage.cpu_ns,
                   peak_memory=usage.peak_memory, oom_kills=usage.oom_kills, forked_at=run.forked_at,
-                  exec_at=run.exec_at, ended_at=ended, clean=clean)
+                  exec_at=run.exec_at, ended_at=ended, clean=clean, seccomp_kill=sigsys)
 
     def _remove_cgroup(self, cg) -> bool:
         try:
@@ -268,6 +278,46 @@ class ForkServer:
                         self.handle_kill(run_id, "cpu_time")
                 except cgroups.CgroupError:
                     pass
+
+
+class KernelLog:
+    """Seccomp kills as the kernel reports them (audit type=1326 records in /dev/kmsg), keyed by uid.
+
+    A run's uid is unique among live runs, so a record carrying it names the syscall that killed that run
+    without mapping pids across namespaces. Best effort: records can be rate-limited or missing (no /dev/kmsg
+    in a container); the outcome is then still "signaled, SIGSYS", just without the syscall's name."""
+
+    PATTERN = re.compile(rb"type=1326 .*?\buid=(\d+) .*?\bsig=31 arch=([0-9a-f]+) syscall=(\d+)")
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self.seccomp_kills: dict[int, dict] = {}
+
+    @classmethod
+    def open(cls) -> "KernelLog | None":
+        try:
+            fd = os.open("/dev/kmsg", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            os.lseek(fd, 0, os.SEEK_END)  # only what happens from now on
+        except OSError:
+            return None
+        return cls(fd)
+
+    def drain(self) -> None:
+        while True:
+            try:
+                record = os.read(self.fd, 8192)
+            except BlockingIOError:
+                return
+            except BrokenPipeError:  # the ring buffer overran us: skip ahead
+                continue
+            except OSError:
+                return
+            m = self.PATTERN.search(record)
+            if m:
+                uid, arch, nr = int(m.group(1)), m.group(2).decode(), int(m.group(3))
+                if len(self.seccomp_kills) > 4096:
+                    self.seccomp_kills.clear()
+                self.seccomp_kills[uid] = {"arch": arch, "nr": nr}
 
 
 def _read_fd(fd: int) -> bytes:

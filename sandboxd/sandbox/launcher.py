@@ -56,6 +56,7 @@ class Finished:
     exec_at: float | None = None
     ended_at: float | None = None
     clean: bool = True
+    seccomp_kill: dict | None = None    # {"arch": audit arch hex, "nr": syscall number} from the kernel log
 
 
 class RunHandle:

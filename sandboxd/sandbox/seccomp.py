@@ -553,3 +553,26 @@ def apply(program_bpf: bytes) -> None:
 def _instructions(bpf: bytes) -> Iterator[tuple[int, int, int, int]]:
     """(code, jt, jf, k) of each instruction; for tests and debugging."""
     return _INSN.iter_unpack(bpf)
+
+
+AUDIT_ARCHES = {"c000003e": "x86_64", "40000003": "i386"}
+X32_BIT = 0x40000000
+
+
+def describe_kill(arch_hex: str, nr: int) -> str:
+    """Name the syscall of a seccomp kill reported by the kernel ("x32 getpid (39)", "i386 mount (21)").
+    Daemon side (uses libseccomp's tables)."""
+    seccomp = _pyseccomp()
+    arch = AUDIT_ARCHES.get(arch_hex, f"arch {arch_hex}")
+    if arch == "x86_64" and nr & X32_BIT:
+        arch, nr, table = "x32", nr & ~X32_BIT, seccomp.Arch.X86_64
+    else:
+        table = {"x86_64": seccomp.Arch.X86_64, "i386": seccomp.Arch.X86}.get(arch)
+    name = None
+    if table is not None:
+        try:
+            name = seccomp.resolve_syscall(table, nr)
+            name = name.decode() if isinstance(name, bytes) else name
+        except Exception:  # noqa: BLE001 - an unknown number is still worth reporting as a number
+            name = None
+    return f"{arch} {name or 'syscall'} ({nr})"

@@ -239,3 +239,16 @@ def test_setuid_binaries_grant_nothing(sandbox):
         pytest.skip("no setuid su in the image")
     if s["uids"] is not None:  # su may also exit at once; if it was still running, it must not be root
         assert all(int(u) == s["me"] for u in s["uids"]), s
+
+
+def test_seccomp_kill_is_visible_and_names_the_syscall(sandbox):
+    """A syscall of a foreign ABI kills the process (SIGSYS); the result says so and, when the kernel logs
+    the kill (audit type 1326 in /dev/kmsg), names the syscall."""
+    r = sandbox.run("import ctypes\nctypes.CDLL(None).syscall(0x40000000 | 39)")  # x32 getpid
+    assert (r.outcome, r.signal) == ("signaled", 31), r
+    assert "seccomp" in r.message
+    try:
+        os.close(os.open("/dev/kmsg", os.O_RDONLY | os.O_NONBLOCK))
+    except OSError:
+        pytest.skip("no readable /dev/kmsg here: the syscall cannot be named")
+    assert "x32 getpid (39)" in r.message, r.message
