@@ -25,7 +25,7 @@ from .config import Config
 from .errors import ConfigError
 from .metrics import Metrics
 from .runners import Runner
-from .sandbox import cgroups, namespaces, seccomp
+from .sandbox import cgroups, landlock, namespaces, seccomp
 from .sandbox.launcher import Launcher
 from .sandbox.spec import ImageSpec, SeccompProgram
 from .store import Store
@@ -84,7 +84,8 @@ class Daemon:
         self.store: Store | None = None
         self.rates = RateLimiter()
         self.proxy: UnixPeerProxy | None = None
-        self.landlock = "not applied"
+        abi = landlock.abi_version()
+        self.landlock = f"abi {abi}" if abi else "unsupported by the kernel"
 
     @property
     def authenticator(self) -> Authenticator:

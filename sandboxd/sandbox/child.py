@@ -22,7 +22,7 @@ import json
 import os
 import signal
 
-from . import _libc, creds, namespaces, rlimits, rootfs, seccomp
+from . import _libc, creds, landlock, namespaces, rlimits, rootfs, seccomp
 from .spec import RunSpec
 
 SETUP_FAILED = 121
@@ -136,6 +136,8 @@ def _payload(spec: RunSpec, stdio: tuple[int, int, int], err_w: int, cap_last: i
     try:
         for target, fd in enumerate(stdio):
             os.dup2(fd, target, inheritable=True)
+            # The run owns its own pipes, so `echo > /dev/stdout` (a reopen through /proc) works as usual.
+            os.fchown(target, spec.uid, spec.gid)
         # The OOM killer must pick the payload's processes, never the init that reports on them. Raising a
         # score needs no capability (lowering init's would need CAP_SYS_RESOURCE, not always granted).
         step = "oom_score_adj"
@@ -146,6 +148,10 @@ def _payload(spec: RunSpec, stdio: tuple[int, int, int], err_w: int, cap_last: i
         creds.apply(spec.uid, spec.gid, cap_last)
         step = "close_fds"
         close_fds_except({0, 1, 2, err_w})
+        # A second, independent wall: even if a mount were writable by mistake, nothing outside the run's
+        # tmpfs can be written. Unsupported kernels: apply() does nothing and the record says so.
+        step = "landlock"
+        landlock.apply(["/tmp", spec.workdir, "/dev/shm"])
         step = "seccomp"
         seccomp.apply(spec.seccomp.bpf)
         step = "exec"

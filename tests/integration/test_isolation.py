@@ -252,3 +252,24 @@ def test_seccomp_kill_is_visible_and_names_the_syscall(sandbox):
     except OSError:
         pytest.skip("no readable /dev/kmsg here: the syscall cannot be named")
     assert "x32 getpid (39)" in r.message, r.message
+
+
+def test_landlock_confines_writes_to_the_run_tmpfs(sandbox):
+    """/proc/self/comm is writable by its owner and not under a read-only mount: only Landlock refuses it."""
+    from sandboxd.sandbox import landlock
+    if not landlock.abi_version():
+        pytest.skip("the kernel has no Landlock")
+    s = run_json(sandbox, """
+        import errno
+        res = {}
+        for path in ('/proc/self/comm', '/work/ok', '/tmp/ok', '/dev/shm/ok', '/dev/null'):
+            try:
+                with open(path, 'w') as f:
+                    f.write('x')
+                res[path] = 'written'
+            except OSError as e:
+                res[path] = errno.errorcode[e.errno]
+        print(json.dumps(res))
+    """)
+    assert s["/proc/self/comm"] == "EACCES"
+    assert s["/work/ok"] == s["/tmp/ok"] == s["/dev/shm/ok"] == s["/dev/null"] == "written"
