@@ -208,9 +208,13 @@ class UnixPeerProxy:
         os.chmod(path, mode)
         self.servers.append(server)
 
-    async def close(self) -> None:
+    def stop_listening(self) -> None:
+        """No new connections; relays already open go on (their calls may still be finishing)."""
         for server in self.servers:
             server.close()
+
+    async def close(self) -> None:
+        self.stop_listening()
         for task in list(self.tasks):
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)

@@ -72,7 +72,7 @@ class Daemon:
         self.launcher = Launcher(staging=os.path.join(cfg.server.runtime_dir, "root"),
                                  cgroup_parent_name=cfg.sandbox.cgroup_parent_name,
                                  cgroup_parent_path=cfg.sandbox.cgroup_parent_path or None,
-                                 log_level=cfg.logging.level)
+                                 log_level=cfg.logging.level, log_format=cfg.logging.format)
         self.uids = UidPool(cfg.sandbox.uid_start, cfg.sandbox.uid_count)
         self.supervisor = Supervisor(self.launcher, self.uids)
         # Never more concurrent runs than uids to give them.
@@ -144,7 +144,8 @@ class Daemon:
                                                                      "error": str(e)})
             return False
         old = self.config
-        fixed = {"listen", "state_dir", "runtime_dir", "metrics_listen", "socket_mode"}
+        # max_request_bytes also sizes gRPC's own message limit, which is fixed when the server starts.
+        fixed = {"listen", "state_dir", "runtime_dir", "metrics_listen", "socket_mode", "max_request_bytes"}
         changed = [k for k in fixed if getattr(old.server, k) != getattr(new.server, k)]
         changed += [k for k in ("uid_start", "uid_count", "cgroup_parent_name", "cgroup_parent_path")
                     if getattr(old.sandbox, k) != getattr(new.sandbox, k)]
@@ -179,6 +180,18 @@ class Daemon:
         if not await self._call(self.store.writable):
             return False, "store not writable"
         return True, "ok"
+
+    def cleanup_cgroups(self) -> None:
+        """Last resort when no launcher can run: kill and remove what the dead one left (daemon side)."""
+        try:
+            driver = cgroups.detect(self.config.sandbox.cgroup_parent_name,
+                                    self.config.sandbox.cgroup_parent_path or None)
+            left = driver.recover()
+            driver.teardown()
+            if left:
+                log.warning("removed the cgroups of %d runs the launcher left: %s", len(left), left)
+        except cgroups.CgroupError as e:
+            log.error("could not clean up cgroups: %s", e)
 
     async def _call(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._db, fn, *args)

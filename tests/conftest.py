@@ -171,8 +171,13 @@ def start_daemon(tmp_path_factory):
         return d
 
     yield start
-    for d in started:
-        _check_stopped(d)
+    errors = []
+    for d in started:  # stop every daemon, even when an earlier one fails its checks
+        try:
+            _check_stopped(d)
+        except AssertionError as e:
+            errors.append(str(e))
+    assert not errors, "\n".join(errors)
 
 
 @pytest.fixture

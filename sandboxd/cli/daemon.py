@@ -154,22 +154,21 @@ async def serve(cfg: config_mod.Config, config_path: str | None = None, override
         async with reload_lock:
             await daemon.reload(config_path, overrides)
     loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(reload()))
-    launcher_gone = asyncio.ensure_future(asyncio.to_thread(daemon.launcher.proc.wait))
-    stopper = asyncio.ensure_future(stop.wait())
-    await asyncio.wait([stopper, launcher_gone], return_when=asyncio.FIRST_COMPLETED)
-    code = 0
-    if launcher_gone.done() and not stop.is_set():
-        log.error("the launcher exited unexpectedly (status %s); shutting down", daemon.launcher.proc.returncode)
-        code = 1
+    code = await _supervise_launcher(daemon, stop)
     watcher.cancel()
     pruner.cancel()
     await health_servicer.enter_graceful_shutdown()
-    log.info("shutting down: %d runs active, grace %gs", daemon.admission.running, cfg.server.shutdown_grace)
-    grace = asyncio.ensure_future(server.stop(cfg.server.shutdown_grace))
-    with contextlib.suppress(asyncio.TimeoutError):
-        await asyncio.wait_for(asyncio.shield(grace), cfg.server.shutdown_grace)
+    grace = daemon.config.server.shutdown_grace  # a reload may have changed it
+    log.info("shutting down: %d runs active, grace %gs", daemon.admission.running, grace)
+    # Stop accepting (new connections and new calls) at once; give running runs the grace period, then stop
+    # them ourselves so their callers still get a result (outcome cancelled) before gRPC closes the calls.
+    daemon.proxy.stop_listening()
+    stopping = asyncio.ensure_future(server.stop(grace + 10))
+    deadline = loop.time() + grace
+    while daemon.supervisor.active and loop.time() < deadline:
+        await asyncio.sleep(0.05)
     await daemon.supervisor.cancel_all("shutdown")
-    await grace
+    await stopping
     await daemon.proxy.close()
     await daemon.stop()
     if getattr(daemon, "metrics_server", None):
@@ -177,9 +176,40 @@ async def serve(cfg: config_mod.Config, config_path: str | None = None, override
     for path in sockets:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
-    stopper.cancel()
     log.info("sandboxd stopped")
     return code
+
+
+async def _supervise_launcher(daemon, stop: asyncio.Event, max_restarts: int = 5, window: float = 60.0) -> int:
+    """Wait for a stop signal; restart the launcher if it dies (the new one removes the old one's cgroups).
+    A launcher that keeps dying is not restarted forever: after max_restarts in `window` seconds the daemon
+    cleans up and exits 1 for its supervisor (systemd) to decide."""
+    loop = asyncio.get_running_loop()
+    restarts: list[float] = []
+    stopper = asyncio.ensure_future(stop.wait())
+    try:
+        while True:
+            gone = asyncio.ensure_future(asyncio.to_thread(daemon.launcher.proc.wait))
+            await asyncio.wait([stopper, gone], return_when=asyncio.FIRST_COMPLETED)
+            if stop.is_set():
+                gone.cancel()
+                return 0
+            status = daemon.launcher.proc.returncode
+            now = loop.time()
+            restarts = [t for t in restarts if t > now - window] + [now]
+            if len(restarts) > max_restarts:
+                log.error("the launcher exited (status %s) %d times in %gs; giving up", status, len(restarts), window)
+                await asyncio.to_thread(daemon.cleanup_cgroups)
+                return 1
+            log.error("the launcher exited unexpectedly (status %s); starting a new one", status)
+            try:
+                await daemon.launcher.start()
+            except Exception as e:  # noqa: BLE001
+                log.error("the launcher could not be restarted: %s", e)
+                await asyncio.to_thread(daemon.cleanup_cgroups)
+                return 1
+    finally:
+        stopper.cancel()
 
 
 def _overrides(args):

@@ -335,9 +335,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--cgroup-parent-name", default="sandboxd")
     p.add_argument("--cgroup-parent-path", default=None)
     p.add_argument("--log-level", default="INFO")
+    p.add_argument("--log-format", default="text", choices=("text", "json"))
     args = p.parse_args(argv)
-    logging.basicConfig(stream=sys.stderr, level=args.log_level,
-                        format='{"ts":"%(asctime)s","level":"%(levelname)s","logger":"%(name)s","msg":%(message)r}')
+    from .. import logs  # the daemon's formatters, so both processes write one log format
+    logs.setup(args.log_level, args.log_format)
     if os.uname().machine != "x86_64":
         sys.exit("sandboxd launcher: only x86_64 is supported")
     sock = socket.socket(fileno=args.fd)

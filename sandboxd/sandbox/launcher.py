@@ -84,9 +84,10 @@ def _sealed_memfd(name: str, data: bytes) -> int:
 
 class Launcher:
     def __init__(self, staging: str, cgroup_parent_name: str = "sandboxd", cgroup_parent_path: str | None = None,
-                 log_level: str = "INFO"):
+                 log_level: str = "INFO", log_format: str = "text"):
         self.staging = staging
-        self.args = ["--staging", staging, "--cgroup-parent-name", cgroup_parent_name, "--log-level", log_level]
+        self.args = ["--staging", staging, "--cgroup-parent-name", cgroup_parent_name, "--log-level", log_level,
+                     "--log-format", log_format]
         if cgroup_parent_path:
             self.args += ["--cgroup-parent-path", cgroup_parent_path]
         self.proc: subprocess.Popen | None = None
