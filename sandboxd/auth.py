@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 import grp
 import hashlib
@@ -100,7 +101,12 @@ class Authenticator:
         auth = [v for k, v in metadata if k == "authorization"]
         peer = context.peer() or ""
         if auth:
-            return self._token(auth[0], peer)
+            principal = self._token(auth[0], peer)
+            cred = self.proxy.lookup(peer[len("unix-abstract:"):]) if (
+                self.proxy is not None and peer.startswith("unix-abstract:")) else None
+            if cred is not None:  # a token over the unix socket: keep who connected, too
+                principal = dataclasses.replace(principal, peer={**self._unix_peer(cred, None), "via": "unix"})
+            return principal
         if peer.startswith("unix-abstract:") and self.proxy is not None:
             cred = self.proxy.lookup(peer[len("unix-abstract:"):])
             if cred is not None:
@@ -145,13 +151,18 @@ class Authenticator:
         if user:
             tags.add(f"unix-user:{user}")
         entry = self.identity.match_unix(cred.uid, user, group_names)
-        pid = entry.name if entry else (user or f"uid-{cred.uid}")
+        # Unmapped callers get a namespaced id, so a unix user can never share a name (and so records and
+        # policies) with a configured principal, a token's principal or a certificate.
+        pid = entry.name if entry else f"unix:{user or cred.uid}"
         tags.add(pid)
         if entry:
             tags |= {f"group:{g}" for g in entry.groups}
         return Principal(id=pid, method="unix_peercred", tags=frozenset(tags),
-                         roles=frozenset(entry.roles if entry else ()),
-                         peer={"uid": cred.uid, "gid": cred.gid, "pid": cred.pid, "user": user})
+                         roles=frozenset(entry.roles if entry else ()), peer=self._unix_peer(cred, user))
+
+    @staticmethod
+    def _unix_peer(cred: PeerCred, user: str | None) -> dict:
+        return {"uid": cred.uid, "gid": cred.gid, "pid": cred.pid, "user": user}
 
     @staticmethod
     def _certificate(context) -> dict | None:
@@ -166,10 +177,18 @@ class Authenticator:
         return {"id": uris[0] if uris else cn[0], "uris": uris, "cn": cn[0] if cn else ""}
 
     def _cert(self, cert: dict, peer: str) -> Principal:
+        """Whoever requests a certificate chooses its names, so an unmapped one is namespaced: a URI SAN
+        (scheme://...) stands for itself, a CN becomes "x509-cn:<CN>". Neither can then pose as a unix uid, a
+        group tag or a configured principal such as "root"; only [[principals]] cert_ids map a certificate to
+        a configured name."""
         entry = self.identity.match_cert(cert["id"])
-        tags = {cert["id"], f"x509:{cert['id']}"}
-        pid = entry.name if entry else cert["id"]
-        tags.add(pid)
+        if entry:
+            pid = entry.name
+        elif "://" in cert["id"] and cert["id"] in cert["uris"]:
+            pid = cert["id"]
+        else:
+            pid = f"x509-cn:{cert['id']}"
+        tags = {pid}
         if entry:
             tags |= {f"group:{g}" for g in entry.groups}
         return Principal(id=pid, method="mtls", tags=frozenset(tags), roles=frozenset(entry.roles if entry else ()),

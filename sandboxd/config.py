@@ -340,6 +340,11 @@ def _tls(path: str, table: dict) -> TlsConfig:
         raise ConfigError(f"{path}: server.tls: expected cert and key (PEM files)")
     if tls.require_client_cert and not tls.client_ca:
         raise ConfigError(f"{path}: server.tls.require_client_cert: needs client_ca to verify certificates")
+    if tls.client_ca and not tls.require_client_cert:
+        # grpcio's Python API can only require a client certificate or not ask for one at all; a CA that is
+        # never consulted would look like mTLS while authenticating nobody.
+        raise ConfigError(f"{path}: server.tls.require_client_cert: expected true when client_ca is set (grpcio "
+                          f"cannot ask for an optional client certificate); remove client_ca for TLS with tokens")
     return tls
 
 

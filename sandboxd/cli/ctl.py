@@ -174,7 +174,8 @@ def cmd_runners(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="sandboxctl", description="Run scripts in sandboxd.")
+    # allow_abbrev off: "runs list --agent" must not be read as an abbreviation of --agent-name.
+    p = argparse.ArgumentParser(prog="sandboxctl", description="Run scripts in sandboxd.", allow_abbrev=False)
     p.add_argument("--version", action="version", version=f"sandboxctl {__version__}")
     p.add_argument("--target", help="unix:///path.sock or host:port (default: $SANDBOXD_TARGET or "
                                     "unix:///run/sandboxd/sandboxd.sock)")

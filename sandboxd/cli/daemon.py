@@ -298,12 +298,16 @@ def cmd_audit_verify(args) -> int:
 def cmd_audit_export(args) -> int:
     import sqlite3
     from ..store import canon
+    import urllib.parse
     path = _db_path(args)
     if args.format != "jsonl":
         print(f"sandboxd audit export: unknown format {args.format!r} (expected jsonl)", file=sys.stderr)
         return 2
+    if not os.path.exists(path):
+        print(f"sandboxd audit export: {path}: no store here", file=sys.stderr)
+        return 2
     # Read-only, straight from the file: works offline and never takes the daemon's write lock.
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    db = sqlite3.connect(f"file:{urllib.parse.quote(os.path.abspath(path))}?mode=ro", uri=True)
     db.row_factory = sqlite3.Row
     count = 0
     for row in db.execute("SELECT * FROM events WHERE seq > ? ORDER BY seq", (args.since_seq,)):
