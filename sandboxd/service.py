@@ -97,9 +97,10 @@ class SandboxService(pb_grpc.SandboxServicer):
             await abort(context, err)
             return
         runner = catalog.runners[req.runner]
+        spec_summary = spec.summary()
         record.update({
             "runner": runner.name, "image": spec.image.name, "dropped_env": list(dropped_env),
-            "limits": spec.summary()["limits"], "spec": spec.summary(),
+            "limits": spec_summary["limits"], "spec": spec_summary,
             "sandbox_profile": {"namespaces": list(d.namespaces), "seccomp": spec.seccomp.name,
                                 "seccomp_sha256": spec.seccomp.sha256, "network": spec.network,
                                 "cgroup_driver": d.launcher.driver, "landlock": d.landlock},
