@@ -24,17 +24,20 @@ def default_max_concurrent() -> int:
 
 
 class Admission:
-    def __init__(self, max_concurrent: int, max_queue: int, max_wait: float, per_principal: int = 0):
+    def __init__(self, max_concurrent: int, max_queue: int, max_wait: float, per_principal: int = 0,
+                 max_queue_per_principal: int = 0):
         self.max_concurrent = max_concurrent or default_max_concurrent()
         self.max_queue, self.max_wait, self.per_principal = max_queue, max_wait, per_principal
+        self.queue_share = max_queue_per_principal
         self.active: collections.Counter[str] = collections.Counter()
         self.limits: dict[str, int] = {}
         self.waiting: dict[str, collections.deque[asyncio.Future]] = collections.OrderedDict()
 
-    def reconfigure(self, max_concurrent: int, max_queue: int, max_wait: float) -> None:
+    def reconfigure(self, max_concurrent: int, max_queue: int, max_wait: float,
+                    max_queue_per_principal: int = 0) -> None:
         """New limits apply to the next admission; runs already admitted keep their slots."""
         self.max_concurrent = max_concurrent or default_max_concurrent()
-        self.max_queue, self.max_wait = max_queue, max_wait
+        self.max_queue, self.max_wait, self.queue_share = max_queue, max_wait, max_queue_per_principal
         self._grant()
 
     @property
@@ -65,6 +68,12 @@ class Admission:
         if not self.waiting.get(principal) and self._may_run(principal):
             self.active[principal] += 1
         else:
+            # One caller may hold only part of the queue, so a flood cannot leave others nowhere to wait.
+            share = self.queue_share or max(1, self.max_queue // 2)
+            mine = len(self.waiting.get(principal, ()))
+            if mine >= share:
+                raise Overloaded(f"principal {principal!r} already has {mine} runs queued (max_queue_per_principal "
+                                 f"{share}) and {self.running} running", retry_after=1.0)
             if self.queued >= self.max_queue:
                 raise Overloaded(f"too many runs: {self.running} running and {self.queued} queued "
                                  f"(max_concurrent {self.max_concurrent}, max_queue {self.max_queue})",

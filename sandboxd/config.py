@@ -157,6 +157,7 @@ class AdmissionConfig:
     max_concurrent: int = 0             # 0: derived from CPU count and memory at start-up
     max_queue: int = 64
     max_queue_wait: float = 30.0
+    max_queue_per_principal: int = 0    # 0: half of max_queue (at least 1)
 
 
 @dataclass(frozen=True)
@@ -300,7 +301,9 @@ def parse(text: str, path: str) -> Config:
     d3 = AdmissionConfig()
     admission = AdmissionConfig(max_concurrent=a.get("max_concurrent", "int", d3.max_concurrent),
                                 max_queue=a.get("max_queue", "int", d3.max_queue),
-                                max_queue_wait=a.get("max_queue_wait", "duration", d3.max_queue_wait))
+                                max_queue_wait=a.get("max_queue_wait", "duration", d3.max_queue_wait),
+                                max_queue_per_principal=a.get("max_queue_per_principal", "int",
+                                                              d3.max_queue_per_principal))
     a.done()
     lg = _Reader(path, top.table_of("logging"), "logging.")
     logging_cfg = LoggingConfig(level=lg.get("level", "str", "INFO").upper(), format=lg.get("format", "str", "text"))

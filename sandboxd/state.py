@@ -77,7 +77,8 @@ class Daemon:
         self.supervisor = Supervisor(self.launcher, self.uids)
         # Never more concurrent runs than uids to give them.
         slots = min(cfg.admission.max_concurrent or default_max_concurrent(), cfg.sandbox.uid_count)
-        self.admission = Admission(slots, cfg.admission.max_queue, cfg.admission.max_queue_wait)
+        self.admission = Admission(slots, cfg.admission.max_queue, cfg.admission.max_queue_wait,
+                                   max_queue_per_principal=cfg.admission.max_queue_per_principal)
         self.metrics.active.set_function(lambda: self.admission.running)
         self.metrics.queue_depth.set_function(lambda: self.admission.queued)
         self._db = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sandboxd-store")
@@ -158,7 +159,8 @@ class Daemon:
                                         cgroup_parent_path=old.sandbox.cgroup_parent_path))
         self.catalog = catalog
         self.admission.reconfigure(min(new.admission.max_concurrent or default_max_concurrent(), self.uids.size),
-                                   new.admission.max_queue, new.admission.max_queue_wait)
+                                   new.admission.max_queue, new.admission.max_queue_wait,
+                                   new.admission.max_queue_per_principal)
         logging.getLogger().setLevel(new.logging.level)
         self.metrics.reloads.labels("success").inc()
         await self._call(self.store.append, "config.loaded", {

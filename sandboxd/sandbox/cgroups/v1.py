@@ -143,6 +143,11 @@ class V1Driver(CgroupDriver):
         elif _fs.swap_on():
             raise CgroupError(f"{memory} has no memory.memsw.limit_in_bytes (swap accounting off) and swap is "
                               "on: swap would extend the memory limit")
+        # cgroup v1 leaves TCP socket buffers uncharged unless this limit is set (v2 always charges them):
+        # without it a run could pin hundreds of MiB in loopback socket buffers past its memory limit.
+        tcp = os.path.join(memory, "memory.kmem.tcp.limit_in_bytes")
+        if os.path.exists(tcp):
+            _fs.write(tcp, str(limits.memory))
         _fs.write(os.path.join(dirs["pids"], "pids.max"), str(limits.pids))
         cpu = dirs["cpu"]
         _fs.write(os.path.join(cpu, "cpu.cfs_period_us"), str(CPU_PERIOD_US))
