@@ -26,6 +26,9 @@ def plan(limits: Limits) -> list[tuple[int, int, int]]:
         (resource.RLIMIT_NPROC, limits.pids, limits.pids),
         (resource.RLIMIT_MEMLOCK, 0, 0),
         (resource.RLIMIT_MSGQUEUE, 0, 0),
+        # Set, not inherited: no real-time scheduling and no raised priority, whatever the launcher had.
+        (resource.RLIMIT_RTPRIO, 0, 0),
+        (resource.RLIMIT_NICE, 0, 0),
     ]
 
 

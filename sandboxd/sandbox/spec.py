@@ -100,12 +100,18 @@ class RunSpec:
         )
 
     def summary(self) -> dict:
-        """What the record stores: everything but the payload bytes (those are hashed)."""
+        """What the record stores: everything but payload bytes and caller-supplied values (env values and
+        arguments can carry secrets), which are hashed so a record can still prove what ran."""
         d = dataclasses.asdict(self)
-        d["files"] = [{"path": f.path, "size": len(f.data), "sha256": hashlib.sha256(f.data).hexdigest()}
-                      for f in self.files]
+        d["files"] = [{"path": f.path, "size": len(f.data), "sha256": _sha(f.data)} for f in self.files]
         d["seccomp"] = {"name": self.seccomp.name, "sha256": self.seccomp.sha256}
+        d["env"] = {k: "sha256:" + _sha(v.encode()) for k, v in self.env}
+        d["argv"] = [self.argv[0]] + ["sha256:" + _sha(a.encode()) for a in self.argv[1:]]
         return d
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def _encode(o):

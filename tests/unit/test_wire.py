@@ -192,6 +192,10 @@ def test_summary_has_no_raw_file_data():
     assert summary["seccomp"] == {"name": "default", "sha256": "ab" * 32}     # no BPF bytes either
     text = json.dumps(summary)                      # serialisable as is: nothing is bytes
     assert "print(1)" not in text
-    assert tuple(summary["argv"]) == spec.argv
+    # The interpreter is kept; arguments and env values (which may carry secrets) only as hashes.
+    assert summary["argv"] == [spec.argv[0]] + ["sha256:" + hashlib.sha256(a.encode()).hexdigest()
+                                                for a in spec.argv[1:]]
+    assert summary["env"] == {k: "sha256:" + hashlib.sha256(v.encode()).hexdigest() for k, v in spec.env}
+    assert not any(v in text for _, v in spec.env if len(v) > 3)
     assert summary["limits"]["memory"] == 64 << 20
     assert summary["run_id"] == "run-42"

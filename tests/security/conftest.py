@@ -1,0 +1,206 @@
+"""Shared helpers of the security battery: one test module per group of /work/shared/THREATS.md.
+
+Every case runs its attack as an ordinary script through the real daemon and asserts the specific answer
+THREATS.md names (an errno name, an outcome, a signal, the host's state). Besides its own expectation every
+case also holds what THREATS.md promises for all of them, checked here by `attack` and by the `sandbox`
+fixture of tests/conftest.py:
+
+- the daemon keeps serving: a trivial run succeeds right after the attack;
+- the run's record holds the outcome the client saw (read from the daemon's store, outside the sandbox);
+- no process of the run remains and its cgroup is gone (the `sandbox` fixture, after each test).
+
+Scripts import `PRELUDE` through `probe`: raw syscalls by x86_64 number (`sc`), errno names for Python calls
+(`err`), and a dict `out` printed as JSON at the end. Numbers, not libc wrappers, so a case names exactly the
+kernel entry point it attacks and glibc cannot answer (or fall back) on the kernel's behalf.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
+import textwrap
+
+import psutil
+import pytest
+
+from sandboxd import store as store_mod
+
+# This file shadows tests/conftest.py as the importable module `conftest` once pytest has loaded it, so the
+# names other test modules import from there stay available here too.
+_root_spec = importlib.util.spec_from_file_location(
+    "_sandboxd_tests_root_conftest", pathlib.Path(__file__).resolve().parent.parent / "conftest.py")
+_root = importlib.util.module_from_spec(_root_spec)
+_root_spec.loader.exec_module(_root)
+ROOT, find_cgroup_dirs, procs_with_uids = _root.ROOT, _root.find_cgroup_dirs, _root.procs_with_uids
+
+if os.uname().machine != "x86_64":  # syscall numbers and machine code below are x86_64
+    collect_ignore_glob = ["test_*.py"]
+
+MiB = 1 << 20
+# Small limits keep the whole battery to a few minutes; a case raises one only when its attack needs it.
+DEFAULTS = {"wall_time": 5, "memory": 64 * MiB}
+
+PRELUDE = r'''
+import ctypes, errno, json, os, signal, socket, struct, sys, time
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+NR = {
+    "read": 0, "write": 1, "ioctl": 16, "shmget": 29, "shmat": 30, "getpid": 39, "socket": 41, "socketpair": 53,
+    "clone": 56, "fork": 57, "kill": 62, "semget": 64, "msgget": 68, "ptrace": 101, "getuid": 102,
+    "syslog": 103, "setuid": 105, "setgid": 106, "setgroups": 116, "setresuid": 117, "setresgid": 119,
+    "setfsuid": 122, "setfsgid": 123, "capset": 126, "rt_sigqueueinfo": 129, "mknod": 133, "personality": 135,
+    "vhangup": 153, "modify_ldt": 154, "pivot_root": 155, "prctl": 157, "adjtimex": 159, "setrlimit": 160,
+    "chroot": 161, "acct": 163, "settimeofday": 164, "mount": 165, "umount2": 166, "swapon": 167,
+    "swapoff": 168, "reboot": 169, "sethostname": 170, "setdomainname": 171, "iopl": 172, "ioperm": 173,
+    "init_module": 175, "delete_module": 176, "quotactl": 179, "lookup_dcookie": 212, "clock_settime": 227,
+    "tgkill": 234, "mq_open": 240, "kexec_load": 246, "add_key": 248, "request_key": 249, "keyctl": 250,
+    "mknodat": 259, "unshare": 272, "perf_event_open": 298, "fanotify_init": 300, "prlimit64": 302,
+    "name_to_handle_at": 303, "open_by_handle_at": 304, "clock_adjtime": 305, "setns": 308,
+    "process_vm_readv": 310, "process_vm_writev": 311, "kcmp": 312, "finit_module": 313, "seccomp": 317,
+    "kexec_file_load": 320, "bpf": 321, "userfaultfd": 323, "pidfd_send_signal": 424, "io_uring_setup": 425,
+    "io_uring_enter": 426, "io_uring_register": 427, "open_tree": 428, "move_mount": 429, "fsopen": 430,
+    "fsconfig": 431, "fsmount": 432, "fspick": 433, "pidfd_open": 434, "clone3": 435, "pidfd_getfd": 438,
+    "mount_setattr": 442, "memfd_secret": 447,
+}
+AT_FDCWD = -100
+
+
+def _arg(a):
+    if isinstance(a, bytes):
+        return ctypes.c_char_p(a)
+    if isinstance(a, int):
+        return ctypes.c_long(a) if a < 0 else ctypes.c_ulong(a)
+    return a
+
+
+def sc(nr, *args):
+    """A raw syscall: its return value, or the errno name when it fails."""
+    nr = NR[nr] if isinstance(nr, str) else nr
+    ctypes.set_errno(0)
+    r = libc.syscall(ctypes.c_long(nr), *map(_arg, args))
+    return errno.errorcode.get(ctypes.get_errno(), str(ctypes.get_errno())) if r == -1 else r
+
+
+def err(fn, *args, **kw):
+    """'ok' when fn(*args) succeeds, else the errno name of the OSError it raised."""
+    try:
+        fn(*args, **kw)
+        return "ok"
+    except OSError as e:
+        return errno.errorcode.get(e.errno, str(e)) if e.errno else type(e).__name__
+
+
+def addr(buf):
+    return ctypes.addressof(ctypes.c_char.from_buffer(buf))
+
+
+out = {}
+'''
+
+
+def script(code: str) -> str:
+    return PRELUDE + "\n" + textwrap.dedent(code)
+
+
+# Session daemon and daemons a test starts: where each keeps its records (by gRPC target).
+DATABASES: dict[str, pathlib.Path] = {}
+
+
+@pytest.fixture(autouse=True)
+def _known_daemon(daemon):
+    DATABASES[daemon.target] = daemon.state_dir / "sandboxd.db"
+
+
+@pytest.fixture
+def own_daemon(start_daemon):
+    """start_daemon, plus what `attack` needs to check that daemon's records."""
+    def start(config_extra: str = "", **kw):
+        d = start_daemon(config_extra, **kw)
+        DATABASES[d.target] = d.state_dir / "sandboxd.db"
+        return d
+    return start
+
+
+def record(client, run_id: str) -> dict:
+    db = DATABASES[client.target]
+    s = store_mod.Store(str(db))
+    try:
+        rec = s.get_run(run_id)
+    finally:
+        s.close()
+    assert rec is not None, f"run {run_id} has no record"
+    return rec
+
+
+def still_serves(client) -> None:
+    r = client.run("print('still here')", wall_time=10)
+    assert (r.outcome, r.exit_code, r.stdout) == ("exited", 0, b"still here\n"), r
+
+
+def attack(sandbox, code: str, *, raw: bool = False, caller: str = "root", **limits):
+    """Run an attack script (with PRELUDE unless raw); then the daemon must still serve and the run's record
+    must hold the outcome the client saw and the caller (this process: root on the unix socket). Returns the
+    Result."""
+    r = sandbox.run(code if raw else script(code), **{**DEFAULTS, **limits})
+    rec = record(sandbox, r.run_id)
+    assert rec["outcome"] == r.outcome, (rec["outcome"], r)
+    if "principal" in rec:  # absent only before the identity work
+        assert rec["principal"] == caller, (rec["principal"], caller)
+    still_serves(sandbox)
+    return r
+
+
+def probe(sandbox, code: str, **limits) -> dict:
+    """Run an attack that reports into `out`; it must exit 0. Returns `out`."""
+    r = attack(sandbox, textwrap.dedent(code) + "\nprint(json.dumps(out))", **limits)
+    assert (r.outcome, r.exit_code) == ("exited", 0), (r, r.stderr.decode(errors="replace")[-3000:])
+    return json.loads(r.stdout.decode().splitlines()[-1])
+
+
+def run_uids(d) -> range:
+    return range(d.uid_start, d.uid_start + d.uid_count)
+
+
+def launcher_pid(d) -> int:
+    kids = [p for p in psutil.Process(d.proc.pid).children() if "forkserver" in " ".join(p.cmdline())]
+    assert len(kids) == 1, kids
+    return kids[0].pid
+
+
+def metrics_port(d) -> int:
+    m = re.search(r"metrics http://127\.0\.0\.1:(\d+)", d.log())
+    assert m, "the daemon did not log its metrics address"
+    return int(m.group(1))
+
+
+@contextlib.contextmanager
+def sleepers(uids):
+    """Host processes the test owns, one per uid (None: root), killed by pid afterwards. A sleeper with a uid of
+    the daemon's run range is what a run could signal if the pid namespace were missing."""
+    procs = []
+    try:
+        for uid in uids:
+            kw = {} if uid is None else {"user": uid, "group": uid, "extra_groups": []}
+            procs.append(subprocess.Popen(["sleep", "300"], stdin=subprocess.DEVNULL, **kw))
+        yield procs
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+
+
+def sha256_file(path: str) -> str:
+    import hashlib
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def host_python_binaries() -> list[str]:
+    """The interpreter runs use (the image's python3) and the one the daemon and launcher run on."""
+    return sorted({os.path.realpath("/usr/bin/python3"), os.path.realpath(sys.executable)})
