@@ -68,16 +68,16 @@ class Admission:
         if not self.waiting.get(principal) and self._may_run(principal):
             self.active[principal] += 1
         else:
+            if self.queued >= self.max_queue:
+                raise Overloaded(f"too many runs: {self.running} running and {self.queued} queued "
+                                 f"(max_concurrent {self.max_concurrent}, max_queue {self.max_queue})",
+                                 retry_after=1.0)
             # One caller may hold only part of the queue, so a flood cannot leave others nowhere to wait.
             share = self.queue_share or max(1, self.max_queue // 2)
             mine = len(self.waiting.get(principal, ()))
             if mine >= share:
                 raise Overloaded(f"principal {principal!r} already has {mine} runs queued (max_queue_per_principal "
                                  f"{share}) and {self.running} running", retry_after=1.0)
-            if self.queued >= self.max_queue:
-                raise Overloaded(f"too many runs: {self.running} running and {self.queued} queued "
-                                 f"(max_concurrent {self.max_concurrent}, max_queue {self.max_queue})",
-                                 retry_after=1.0)
             fut = loop.create_future()
             self.waiting.setdefault(principal, collections.deque()).append(fut)
             try:

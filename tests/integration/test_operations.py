@@ -321,7 +321,7 @@ def test_closing_the_stream_early_cancels_the_run(daemon, sandbox):
 
 # -- admission -----------------------------------------------------------------------------------------------
 def test_admission_queue_full_and_queue_wait(start_daemon):
-    d = start_daemon('[admission]\nmax_concurrent = 1\nmax_queue = 2\nmax_queue_wait = "2s"')
+    d = start_daemon('[admission]\nmax_concurrent = 1\nmax_queue = 2\nmax_queue_per_principal = 2\nmax_queue_wait = "2s"')
     with streams() as ss:
         running = Stream(d, "import time\nprint('go', flush=True)\ntime.sleep(4)\n")
         ss.append(running)
