@@ -17,7 +17,6 @@ import hashlib
 import logging
 import os
 import signal
-import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 

@@ -461,7 +461,7 @@ def test_tokens_over_tls_and_the_unix_socket(main, pki):
 def test_insecure_tcp_still_demands_a_token(daemons):
     token, lines = cli_token("ci-bot")
     port = free_port()
-    d = daemons.start(tcp=(f"127.0.0.1:{port}",), server="insecure_tcp = true",
+    daemons.start(tcp=(f"127.0.0.1:{port}",), server="insecure_tcp = true",
                       rest=f'{lines}\n[[policies]]\nname = "ci"\nprincipals = ["ci-bot"]\n')
     with Client(f"127.0.0.1:{port}") as c, pytest.raises(SandboxdError) as e:
         c.run("pass")

@@ -14,7 +14,6 @@ x86_64 only: syscall numbers are the x86_64 table (cross-checked against libsecc
 from __future__ import annotations
 
 import concurrent.futures
-import errno
 import os
 import signal
 import subprocess
