@@ -29,8 +29,10 @@ DEVICES = ("null", "zero", "full", "random", "urandom")
 PROC_MASK_FILES = ("kcore", "keys", "key-users", "timer_list", "timer_stats", "sched_debug", "latency_stats",
                    "kallsyms", "kmsg", "kpagecount", "kpageflags", "kpagecgroup", "config.gz", "sysrq-trigger",
                    "vmallocinfo", "slabinfo", "pagetypeinfo", "buddyinfo", "zoneinfo", "iomem", "ioports")
-PROC_MASK_DIRS = ("acpi", "asound", "scsi", "firmware", "bus", "fs", "irq", "sys/kernel/random/boot_id")
-PROC_READONLY = ("sys",)
+# /proc/sys too: kernel tunables tell a run about the host (and are the classic write target); masked with an
+# empty read-only tmpfs rather than only made read-only. Runtimes fall back when a tunable cannot be read.
+PROC_MASK_DIRS = ("acpi", "asound", "scsi", "firmware", "bus", "fs", "irq", "sys")
+PROC_READONLY = ()
 RO = MS_RDONLY | MS_NOSUID | MS_NODEV
 
 

@@ -44,13 +44,19 @@ FLOODS = [
 def test_floods_are_cut_at_exactly_the_cap(sandbox, code, streams):
     r = attack(sandbox, code, output=CAP, wall_time=10)
     assert r.outcome == "output_limit", (r, r.stderr[-1000:])
+    cut = []
     for name in ("stdout", "stderr"):
         data, written, truncated = getattr(r, name), getattr(r, f"{name}_bytes"), getattr(r, f"{name}_truncated")
-        if name in streams:
-            assert (len(data), truncated) == (CAP, True), (name, len(data), truncated)
-            assert written >= CAP
-        elif len(streams) == 1:
-            assert not truncated and len(data) < CAP, (name, data[-200:])
+        if truncated:  # a cut stream holds exactly the cap, whichever stream it is
+            assert len(data) == CAP and written > CAP, (name, len(data), written)
+            cut.append(name)
+        else:
+            assert len(data) == written <= CAP, (name, len(data), written)
+    # The run stops as soon as one stream passes the cap; with two flooding streams, whether the other one's
+    # next write lands before the kill is a race, so only "at least one of them, and nothing else" holds.
+    assert cut and set(cut) <= set(streams), (cut, streams)
+    if len(streams) == 1:
+        assert cut == streams
     assert r.wall_time < 5
     # The record keeps sizes and hashes of what was delivered, never the bytes.
     rec = record(sandbox, r.run_id)
