@@ -135,19 +135,22 @@ class V1Driver(CgroupDriver):
         memory = dirs["memory"]
         # OOM must kill inside the run; with the OOM killer disabled the run would hang at its limit instead.
         _fs.write(os.path.join(memory, "memory.oom_control"), "0")
-        _fs.write(os.path.join(memory, "memory.limit_in_bytes"), str(limits.memory))
+        # cgroup v1 charges TCP socket buffers to a separate counter (memory.kmem.tcp), outside memory.usage;
+        # without a limit there a run could pin hundreds of MiB in loopback buffers. Split the run's one budget
+        # between the two counters so that together they never exceed it (v2 charges both to memory.current).
+        tcp_path = os.path.join(memory, "memory.kmem.tcp.limit_in_bytes")
+        tcp = min(max(limits.memory // 8, 1 << 20), 64 << 20, limits.memory // 2) if os.path.exists(tcp_path) else 0
+        budget = limits.memory - tcp
+        _fs.write(os.path.join(memory, "memory.limit_in_bytes"), str(budget))
         memsw = os.path.join(memory, "memory.memsw.limit_in_bytes")
         if os.path.exists(memsw):
             # After limit_in_bytes: the kernel keeps memsw >= the memory limit at every step.
-            _fs.write(memsw, str(limits.memory))
+            _fs.write(memsw, str(budget))
         elif _fs.swap_on():
             raise CgroupError(f"{memory} has no memory.memsw.limit_in_bytes (swap accounting off) and swap is "
                               "on: swap would extend the memory limit")
-        # cgroup v1 leaves TCP socket buffers uncharged unless this limit is set (v2 always charges them):
-        # without it a run could pin hundreds of MiB in loopback socket buffers past its memory limit.
-        tcp = os.path.join(memory, "memory.kmem.tcp.limit_in_bytes")
-        if os.path.exists(tcp):
-            _fs.write(tcp, str(limits.memory))
+        if tcp:
+            _fs.write(tcp_path, str(tcp))
         _fs.write(os.path.join(dirs["pids"], "pids.max"), str(limits.pids))
         cpu = dirs["cpu"]
         _fs.write(os.path.join(cpu, "cpu.cfs_period_us"), str(CPU_PERIOD_US))
