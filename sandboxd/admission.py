@@ -107,12 +107,20 @@ class Admission:
                 q.remove(fut)
             if not q:
                 del self.waiting[principal]
+        self._tidy(principal)
 
     def _release(self, principal: str) -> None:
         self.active[principal] -= 1
         if self.active[principal] <= 0:
             del self.active[principal]
+        self._tidy(principal)
         self._grant()
+
+    def _tidy(self, principal: str) -> None:
+        """Forget a principal's limit once it has nothing running or queued: callers come and go (every
+        unmapped unix user or certificate is a principal), and a long-lived daemon must not keep them all."""
+        if principal not in self.active and principal not in self.waiting:
+            self.limits.pop(principal, None)
 
     def _grant(self) -> None:
         """Hand free slots to waiters, one principal at a time in rotation."""
@@ -142,6 +150,8 @@ class RateLimiter:
     def check(self, principal: str, per_minute: int, now: float) -> None:
         if not per_minute:
             return
+        if len(self.seen) > 1024:  # drop callers with no run in the window, so the map stays bounded
+            self.seen = {p: q for p, q in self.seen.items() if q and q[-1] > now - self.window}
         q = self.seen.setdefault(principal, collections.deque())
         while q and q[0] <= now - self.window:
             q.popleft()

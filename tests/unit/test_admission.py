@@ -331,3 +331,21 @@ def test_per_principal_waiter_does_not_block_other_principals_on_entry():
 def test_max_concurrent_zero_means_derived_from_the_machine():
     adm = Admission(max_concurrent=0, max_queue=1, max_wait=1.0)
     assert adm.max_concurrent >= 1
+
+
+def test_admission_forgets_principals_that_are_gone():
+    async def main():
+        adm = Admission(max_concurrent=2, max_queue=10, max_wait=5.0)
+        for i in range(50):
+            async with adm.slot(f"caller-{i}", limit=1):
+                pass
+        assert adm.limits == {} and not adm.active and not adm.waiting
+    asyncio.run(main())
+
+
+def test_rate_limiter_forgets_idle_callers():
+    from sandboxd.admission import RateLimiter
+    rl = RateLimiter(window=60.0)
+    for i in range(2000):
+        rl.check(f"caller-{i}", per_minute=5, now=float(i))   # each caller's one run expires 60s later
+    assert len(rl.seen) <= 1100
