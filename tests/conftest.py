@@ -50,16 +50,7 @@ class Daemon:
 
     def __init__(self, workdir: pathlib.Path, config_extra: str = "", runners_dir: str | None = None,
                  env: dict | None = None):
-        n = next(_counter)
-        self.workdir = workdir
-        self.socket = str(workdir / "sandboxd.sock")
-        self.target = f"unix://{self.socket}"
-        self.state_dir = workdir / "state"
-        self.runtime_dir = workdir / "run"
-        self.parent_name = f"sandboxd-test-{os.getpid()}-{n}"
-        self.uid_start = 400000 + (os.getpid() % 500) * 2000 + n * 64
-        self.uid_count = 64
-        self.config_path = workdir / "sandboxd.toml"
+        self._place(workdir)
         runners = f'runners_dir = "{runners_dir}"\n' if runners_dir else ""
         sections = {"server": "", "sandbox": "", "rest": ""}
         # Tests may extend [server] and [sandbox]; everything else they pass goes after.
@@ -71,13 +62,30 @@ class Daemon:
             if line.strip().startswith("["):
                 current = "rest"
             sections[current] += line + "\n"
-        self.config_path.write_text(
+        self._start(
             f'[server]\nlisten = ["{self.target}"]\nstate_dir = "{self.state_dir}"\n'
             f'runtime_dir = "{self.runtime_dir}"\nmetrics_listen = "127.0.0.1:0"\nshutdown_grace = "5s"\n'
             f'{sections["server"]}'
             f'[sandbox]\ncgroup_parent_name = "{self.parent_name}"\nuid_start = {self.uid_start}\n'
-            f'uid_count = {self.uid_count}\n{runners}{sections["sandbox"]}{sections["rest"]}')
-        self.log_path = workdir / f"sandboxd-{n}.log"
+            f'uid_count = {self.uid_count}\n{runners}{sections["sandbox"]}{sections["rest"]}', env)
+
+    def _place(self, workdir: pathlib.Path) -> None:
+        """Paths, cgroup parent and uid range of this daemon, unique within the test process."""
+        self.n = n = next(_counter)
+        self.workdir = workdir
+        self.socket = str(workdir / "sandboxd.sock")
+        self.target = f"unix://{self.socket}"
+        self.state_dir = workdir / "state"
+        self.runtime_dir = workdir / "run"
+        self.parent_name = f"sandboxd-test-{os.getpid()}-{n}"
+        self.uid_start = 400000 + (os.getpid() % 500) * 2000 + n * 64
+        self.uid_count = 64
+        self.config_path = workdir / "sandboxd.toml"
+
+    def _start(self, config_text: str, env: dict | None = None) -> None:
+        """Write the configuration, start `sandboxd serve` on it and wait until it answers."""
+        self.config_path.write_text(config_text)
+        self.log_path = self.workdir / f"sandboxd-{self.n}.log"
         self._log = open(self.log_path, "wb")
         self.expected_exit = 0
         self.proc = subprocess.Popen([sys.executable, "-m", "sandboxd.cli.daemon", "serve", "--config",

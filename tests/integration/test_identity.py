@@ -27,7 +27,6 @@ import urllib.request
 
 import pytest
 
-import conftest
 from conftest import ROOT, Daemon, _check_stopped
 from sandboxd import __version__
 from sandboxd.auth import hash_token, new_token
@@ -72,24 +71,8 @@ class ConfiguredDaemon(Daemon):
     daemons of both kinds in one test process never collide)."""
 
     def __init__(self, workdir: pathlib.Path, *, tcp: tuple[str, ...] = (), server: str = "", rest: str = ""):
-        n = next(conftest._counter)
-        self.workdir = workdir
-        self.socket = str(workdir / "sandboxd.sock")
-        self.target = f"unix://{self.socket}"
-        self.state_dir = workdir / "state"
-        self.runtime_dir = workdir / "run"
-        self.parent_name = f"sandboxd-test-{os.getpid()}-{n}"
-        self.uid_start = 400000 + (os.getpid() % 500) * 2000 + n * 64
-        self.uid_count = 64
-        self.config_path = workdir / "sandboxd.toml"
-        self.config_path.write_text(config_text(self, tcp, server, rest))
-        self.log_path = workdir / f"sandboxd-{n}.log"
-        self._log = open(self.log_path, "wb")
-        self.expected_exit = 0
-        self.proc = subprocess.Popen([sys.executable, "-m", "sandboxd.cli.daemon", "serve", "--config",
-                                      str(self.config_path)], stdout=self._log, stderr=subprocess.STDOUT,
-                                     cwd=str(ROOT))
-        self.wait_ready()
+        self._place(workdir)
+        self._start(config_text(self, tcp, server, rest))
 
     def metrics(self) -> str:
         addr = re.search(r"metrics http://(\S+)/metrics", self.log()).group(1)
