@@ -240,11 +240,12 @@ class ForkServer:
         os.close(run.pidfd)
         ended = time.time()
         sigsys = None
-        if run.exit.get("signal") == signal.SIGSYS and self.kmsg is not None:
-            self.kmsg.drain()
-            sigsys = self.kmsg.seccomp_kills.pop(run.spec.uid, None)
         if self.kmsg is not None:
-            self.kmsg.seccomp_kills.pop(run.spec.uid, None)
+            if run.exit.get("signal") == signal.SIGSYS:
+                self.kmsg.drain()  # the record may still be in flight
+            # Taken in every case, so a record of a killed child never outlives its run (uids are reused).
+            kill = self.kmsg.seccomp_kills.pop(run.spec.uid, None)
+            sigsys = kill if run.exit.get("signal") == signal.SIGSYS else None
         try:
             usage = run.cgroup.usage()
         except cgroups.CgroupError:
