@@ -77,6 +77,10 @@ class Policy:
     store_code: bool = True
     store_output: bool = False
     limits: Limits | None = None         # ceilings (a request can only lower them); None: the runner's maximum
+    sessions: bool = True                # may create sessions (on the runners above)
+    max_sessions: int = 0                # live sessions per principal; 0: only the daemon-wide limit
+    session_idle_timeout: float = 0.0    # ceiling; 0: [sessions] idle_timeout_max
+    session_max_lifetime: float = 0.0    # ceiling; 0: [sessions] max_lifetime_max
 
     def matches(self, tags) -> bool:
         return "*" in self.principals or any(p in tags for p in self.principals)
@@ -161,6 +165,19 @@ class AdmissionConfig:
 
 
 @dataclass(frozen=True)
+class SessionsConfig:
+    max_live: int = 16                   # live sessions daemon-wide; their uids come from [sandbox]'s range
+    memory_budget: int = 0               # bytes of session memory limits live at once; 0: half the host's memory
+    idle_timeout: float = 600.0          # default: a session with no call in progress for this long is closed
+    idle_timeout_max: float = 3600.0     # the most a request may ask for
+    max_lifetime: float = 3600.0         # default lifetime
+    max_lifetime_max: float = 86400.0
+    transfer_limit: int = 64 << 20       # bytes of one file in or out (GetFiles, PutFiles); larger: too_large
+    collect_limit: int = 16 << 20        # bytes of files a one-shot Execute may collect, in all
+    cell_grace: float = 2.0              # after a cell's timeout interrupts it, seconds before the kernel is killed
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     level: str = "INFO"
     format: str = "text"                # text or json
@@ -177,6 +194,7 @@ class Config:
     identity: Identity = field(default_factory=default_identity)
     tls: TlsConfig | None = None
     store: StoreConfig = field(default_factory=StoreConfig)
+    sessions: SessionsConfig = field(default_factory=SessionsConfig)
     source: str = "<built-in default>"
 
 
@@ -327,10 +345,36 @@ def parse(text: str, path: str) -> Config:
     store = StoreConfig(retention=st.get("retention", "duration", 0.0),
                         prune_interval=st.get("prune_interval", "duration", 3600.0))
     st.done()
+    sessions = _sessions(path, top.table_of("sessions"))
     top.done()
     return Config(server=server, sandbox=sandbox, admission=admission, logging=logging_cfg,
                   default_limits=default_limits, max_limits=max_limits, identity=identity, tls=tls, store=store,
-                  source=path)
+                  sessions=sessions, source=path)
+
+
+def _sessions(path: str, table: dict) -> SessionsConfig:
+    r = _Reader(path, table, "sessions.")
+    d = SessionsConfig()
+    cfg = SessionsConfig(
+        max_live=r.get("max_live", "int", d.max_live), memory_budget=r.get("memory_budget", "size", d.memory_budget),
+        idle_timeout=r.get("idle_timeout", "duration", d.idle_timeout),
+        idle_timeout_max=r.get("idle_timeout_max", "duration", d.idle_timeout_max),
+        max_lifetime=r.get("max_lifetime", "duration", d.max_lifetime),
+        max_lifetime_max=r.get("max_lifetime_max", "duration", d.max_lifetime_max),
+        transfer_limit=r.get("transfer_limit", "size", d.transfer_limit),
+        collect_limit=r.get("collect_limit", "size", d.collect_limit),
+        cell_grace=r.get("cell_grace", "duration", d.cell_grace))
+    r.done()
+    if cfg.max_live < 0:
+        raise ConfigError(f"{path}: sessions.max_live: expected 0 (no sessions) or more, got {cfg.max_live}")
+    for key, dflt, ceiling in (("idle_timeout", cfg.idle_timeout, cfg.idle_timeout_max),
+                               ("max_lifetime", cfg.max_lifetime, cfg.max_lifetime_max)):
+        if dflt <= 0 or ceiling <= 0 or dflt > ceiling:
+            raise ConfigError(f"{path}: sessions.{key}: expected a positive duration at most sessions.{key}_max "
+                              f"({ceiling:g}s), got {dflt:g}s")
+    if cfg.transfer_limit < (1 << 20):
+        raise ConfigError(f"{path}: sessions.transfer_limit: expected at least 1MiB")
+    return cfg
 
 
 def _tls(path: str, table: dict) -> TlsConfig:
@@ -405,7 +449,10 @@ def _identity(path: str, top: _Reader, max_limits: Limits) -> Identity:
             name=name, principals=r.get("principals", "strs", ()), runners=r.get("runners", "strs", ("*",)),
             network=r.get("network", "bool", False), max_concurrent=r.get("max_concurrent", "int", 0),
             runs_per_minute=r.get("runs_per_minute", "int", 0), store_code=r.get("store_code", "bool", True),
-            store_output=r.get("store_output", "bool", False), limits=ceiling)
+            store_output=r.get("store_output", "bool", False), limits=ceiling,
+            sessions=r.get("sessions", "bool", True), max_sessions=r.get("max_sessions", "int", 0),
+            session_idle_timeout=r.get("session_idle_timeout", "duration", 0.0),
+            session_max_lifetime=r.get("session_max_lifetime", "duration", 0.0))
         r.done()
         if not policy.principals:
             raise ConfigError(f"{path}: policies[{i}].principals: expected at least one principal, group or \"*\"")

@@ -35,6 +35,15 @@ class Metrics:
         self.cpu = Counter("sandboxd_run_cpu_seconds", "CPU time used by runs.", ["runner"], registry=r)
         self.oom = Counter("sandboxd_oom_kills", "Processes OOM-killed inside runs.", registry=r)
         self.reloads = Counter("sandboxd_config_reloads", "Configuration reloads.", ["result"], registry=r)
+        self.sessions_live = Gauge("sandboxd_sessions_live", "Live sessions.", ["runner"], registry=r)
+        self.session_lifetime = Histogram("sandboxd_session_lifetime_seconds", "How long sessions lived.",
+                                          buckets=(1, 10, 60, 300, 900, 1800, 3600, 7200, 21600, 86400), registry=r)
+        self.sessions_closed = Counter("sandboxd_sessions_closed", "Sessions that ended, by why.", ["reason"],
+                                       registry=r)
+        self.session_calls = Counter("sandboxd_session_calls", "Calls into sessions.", ["kind", "outcome"],
+                                     registry=r)
+        self.file_bytes = Counter("sandboxd_session_file_bytes", "Bytes of files moved into or out of sandboxes.",
+                                  ["direction"], registry=r)
         self.build = Gauge("sandboxd_build_info", "Version of the running daemon.", ["version"], registry=r)
         self.build.labels(__version__).set(1)
         for reason in REJECT_REASONS:
@@ -43,6 +52,8 @@ class Metrics:
             self.output_bytes.labels(stream)
         for result in ("success", "failure"):
             self.reloads.labels(result)
+        for direction in ("in", "out"):
+            self.file_bytes.labels(direction)
 
     def rejected(self, reason: str) -> None:
         # not_found / too_large / unavailable are all the caller's mistake: counted as "invalid".
@@ -61,3 +72,14 @@ class Metrics:
         self.cpu.labels(runner).inc(result.cpu_seconds)
         if result.oom_kills:
             self.oom.inc(result.oom_kills)
+
+    def session_opened(self, runner: str) -> None:
+        self.sessions_live.labels(runner).inc()
+
+    def session_closed(self, runner: str, reason: str, lifetime: float) -> None:
+        self.sessions_live.labels(runner).dec()
+        self.sessions_closed.labels(reason).inc()
+        self.session_lifetime.observe(max(lifetime, 0.0))
+
+    def session_call(self, kind: str, outcome: str) -> None:
+        self.session_calls.labels(kind, outcome).inc()

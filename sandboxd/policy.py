@@ -34,6 +34,7 @@ class RunRequest:
     env: tuple[tuple[str, str], ...] = ()
     files: tuple[tuple[str, bytes], ...] = ()
     limits: dict = field(default_factory=dict)   # subset of REQUEST_LIMITS -> value
+    collect: tuple[str, ...] = ()                 # glob patterns of files to hand back (relative to /work)
 
     @property
     def size(self) -> int:
@@ -93,7 +94,8 @@ def _check_path(path: str) -> str:
 
 def plan_run(req: RunRequest, runners: dict[str, Runner], images: dict[str, ImageSpec],
              seccomp: dict[str, SeccompProgram], run_id: str, max_request_bytes: int,
-             stop_on_output_limit: bool = True, ceiling: Limits | None = None) -> tuple[RunSpec, tuple[str, ...]]:
+             stop_on_output_limit: bool = True, ceiling: Limits | None = None,
+             collect_max: int = 16 << 20) -> tuple[RunSpec, tuple[str, ...]]:
     """Return the RunSpec (uid/gid still 0: the supervisor allocates them) and the env names dropped by the
     runner's allowlist (recorded, not an error: the allowlist is a filter)."""
     if not RUNNER_RE.match(req.runner):
@@ -132,8 +134,45 @@ def plan_run(req: RunRequest, runners: dict[str, Runner], images: dict[str, Imag
     limits = resolve_limits(req.limits, runner, ceiling)
     workdir = "/work"
     argv = tuple(f"{workdir}/{runner.script}" if part == "{script}" else part for part in runner.command)
+    if len(req.collect) > 64:
+        raise InvalidRequest(f"collect_files: {len(req.collect)} patterns is above the maximum of 64")
+    for pattern in req.collect:
+        if (not pattern or pattern.startswith("/") or "\0" in pattern or len(pattern) > 1024
+                or ".." in pattern.split("/")):
+            raise InvalidRequest(f"collect_files: {pattern!r}: expected a glob relative to the working directory, "
+                                 f"without '..'")
     spec = RunSpec(
         run_id=run_id, argv=argv + tuple(req.args), env=tuple(sorted(env.items())), image=images[runner.image],
         seccomp=seccomp[runner.seccomp], limits=limits, files=tuple(files), workdir=workdir,
-        stop_on_output_limit=stop_on_output_limit)
+        stop_on_output_limit=stop_on_output_limit, collect=tuple(req.collect), collect_max=collect_max)
     return spec, tuple(dropped)
+
+
+def plan_session(runner_name: str, runners: dict[str, Runner], images: dict[str, ImageSpec],
+                 seccomp: dict[str, SeccompProgram], session_id: str, requested: dict, policy: Policy,
+                 lifetime: float, files: tuple[tuple[str, bytes], ...], support: tuple[File, ...],
+                 max_request_bytes: int) -> RunSpec:
+    """The RunSpec of a session's sandbox: the runner's image, profile and limits (the request may set them
+    within the policy's ceiling), no program of its own; init serves calls until `lifetime` passes."""
+    if not RUNNER_RE.match(runner_name):
+        raise InvalidRequest(f"runner: {runner_name!r} is not a valid runner name ([a-z0-9_.-], at most 64)")
+    runner = runners.get(runner_name)
+    if runner is None:
+        raise NotFound(f"runner: no runner named {runner_name!r} (available: {', '.join(sorted(runners))})")
+    if not runner.available:
+        raise Unavailable(f"runner {runner.name!r} cannot run here: {runner.unavailable_reason}")
+    limits = resolve_limits(requested, runner, policy.limits)
+    if len(files) > MAX_FILES:
+        raise InvalidRequest(f"files: {len(files)} files is above the maximum of {MAX_FILES}")
+    if sum(len(p) + len(d) for p, d in files) > max_request_bytes:
+        raise TooLarge(f"files: more than {max_request_bytes} bytes in all")
+    out, seen = [], set()
+    for path, data in files:
+        _check_path(path)
+        if any(path == s or path.startswith(s + "/") or s.startswith(path + "/") for s in seen):
+            raise InvalidRequest(f"files: {path!r} collides with another file")
+        seen.add(path)
+        out.append(File(path, data, 0o644))
+    return RunSpec(run_id=session_id, argv=(), env=tuple(sorted(dict(runner.env).items())),
+                   image=images[runner.image], seccomp=seccomp[runner.seccomp], limits=limits, files=tuple(out),
+                   workdir="/work", session=True, lifetime=lifetime, support_files=support)

@@ -32,12 +32,21 @@ class Runner:
     default_limits: Limits
     max_limits: Limits
     description: str = ""
+    # Sessions: the kernel RunCode starts ("python": the interpreter of `command`), and the environment rules of
+    # Exec, where the caller sets the env (one-shot Execute keeps env_allowlist): names a call may not set, and
+    # values always set whatever a call asks.
+    kernel: str = ""
+    session_env_forbid: tuple[str, ...] = ()
+    session_env_force: tuple[tuple[str, str], ...] = ()
     available: bool = True
     unavailable_reason: str = ""
     source: str = ""
 
     def allows_env(self, name: str) -> bool:
         return any(fnmatch.fnmatchcase(name, pattern) for pattern in self.env_allowlist)
+
+    def allows_session_env(self, name: str) -> bool:
+        return not any(fnmatch.fnmatchcase(name, pattern) for pattern in self.session_env_forbid)
 
 
 def resolve_in(root: str, path: str, depth: int = 0) -> str | None:
@@ -112,6 +121,9 @@ def load_runner(path: pathlib.Path, cfg: Config, images: dict[str, ImageSpec], p
     seccomp = r.get("seccomp", "str", "default")
     description = r.get("description", "str", "")
     env_allowlist = r.get("env_allowlist", "strs", ())
+    kernel = r.get("kernel", "str", "")
+    forbid = r.get("session_env_forbid", "strs", ())
+    force_table = r.table_of("session_env_force")
     env_table = r.table_of("env")
     max_limits = read_limits(p, r.table_of("max_limits"), "max_limits.", cfg.max_limits)
     check_within(p, "max_limits.", max_limits, cfg.max_limits)
@@ -130,11 +142,14 @@ def load_runner(path: pathlib.Path, cfg: Config, images: dict[str, ImageSpec], p
         raise ConfigError(f"{p}: script: expected a file name like main.py")
     if seccomp not in profiles:
         raise ConfigError(f"{p}: seccomp: unknown profile {seccomp!r} (known: {', '.join(sorted(profiles))})")
-    env = []
-    for k, v in env_table.items():
-        if not ENV_NAME_RE.match(k) or not isinstance(v, str) or "\0" in v:
-            raise ConfigError(f"{p}: env.{k}: expected NAME = \"string\"")
-        env.append((k, v))
+    env, force = [], []
+    for table, key, out in ((env_table, "env", env), (force_table, "session_env_force", force)):
+        for k, v in table.items():
+            if not ENV_NAME_RE.match(k) or not isinstance(v, str) or "\0" in v:
+                raise ConfigError(f"{p}: {key}.{k}: expected NAME = \"string\"")
+            out.append((k, v))
+    if kernel not in ("", "python"):
+        raise ConfigError(f"{p}: kernel: expected \"python\" or nothing, got {kernel!r}")
     available, reason = True, ""
     if image not in images:
         available, reason = False, f"image {image!r} is not defined"
@@ -147,7 +162,8 @@ def load_runner(path: pathlib.Path, cfg: Config, images: dict[str, ImageSpec], p
     return Runner(name=name, image=image, command=command, script=script,
                   extensions=tuple(e.lstrip(".") for e in extensions), seccomp=seccomp, env=tuple(env),
                   env_allowlist=env_allowlist, default_limits=default_limits, max_limits=max_limits,
-                  description=description, available=available, unavailable_reason=reason, source=p)
+                  description=description, kernel=kernel, session_env_forbid=forbid, session_env_force=tuple(force),
+                  available=available, unavailable_reason=reason, source=p)
 
 
 def load_runners(cfg: Config, images: dict[str, ImageSpec], profiles: set[str]) -> dict[str, Runner]:

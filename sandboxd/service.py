@@ -10,15 +10,18 @@ runs in its own task, so cancelling the RPC cannot cancel the record.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
+import math
 import logging
 import time
 import uuid
 
 import grpc
 
-from . import policy, wire
+from . import policy, sessions as sessions_mod, wire
 from .auth import Principal, Unauthenticated, claims_of
+from .config import ENV_NAME_RE
 from .errors import (InvalidRequest, NotAllowed, NotFound, Overloaded, SandboxError, SetupFailed, TooLarge,
                      Unavailable)
 from .state import Daemon
@@ -36,7 +39,16 @@ STATUS = {
     Unavailable: grpc.StatusCode.FAILED_PRECONDITION,
     NotAllowed: grpc.StatusCode.PERMISSION_DENIED,
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    SetupFailed: grpc.StatusCode.INTERNAL,
 }
+# Per-path file errors, as the status of a single-path call (StatFile, ListFiles, ExportWorkspace...).
+FILE_STATUS = {"not_found": grpc.StatusCode.NOT_FOUND, "permission_denied": grpc.StatusCode.PERMISSION_DENIED,
+               "is_directory": grpc.StatusCode.FAILED_PRECONDITION,
+               "not_a_directory": grpc.StatusCode.FAILED_PRECONDITION,
+               "already_exists": grpc.StatusCode.ALREADY_EXISTS, "invalid_path": grpc.StatusCode.INVALID_ARGUMENT,
+               "too_large": grpc.StatusCode.RESOURCE_EXHAUSTED, "other": grpc.StatusCode.FAILED_PRECONDITION}
+MAX_ARGV = 4096
+MAX_PATHS = 1024
 
 
 def new_run_id() -> str:
@@ -57,7 +69,468 @@ async def abort(context: grpc.aio.ServicerContext, err: SandboxError) -> None:
     await context.abort(status_of(err), str(err))
 
 
-class SandboxService(pb_grpc.SandboxServicer):
+# -- sessions ---------------------------------------------------------------------------------------------------
+# Each RPC below is its own short pipeline: authenticate -> find the session and check its owner -> act -> record.
+# A session id grants nothing: a session of another principal is NOT_FOUND (and the attempt is recorded).
+
+class SessionService:
+    """Mixed into SandboxService: the session, code-cell and file RPCs."""
+
+    d: Daemon
+
+    async def _principal(self, context) -> Principal:
+        try:
+            return self.d.authenticator.authenticate(context)
+        except Unauthenticated as err:
+            self.d.metrics.rejected(err.reason)
+            await abort(context, err)
+
+    async def _session(self, context, session_id: str, action: str):
+        principal = await self._principal(context)
+        d = self.d
+        if not session_id or len(session_id) > 64:
+            await abort(context, InvalidRequest(f"session_id: expected a session id, got {session_id[:64]!r}"))
+        s = d.sessions.sessions.get(session_id)
+        if s is not None and not (principal.is_admin or s.principal.id == principal.id):
+            await d.record_event("session.refused", session_id, {
+                "action": action, "principal": principal.as_record(), "auth_method": principal.method,
+                "owner": s.principal.id, "agent": claims_of(context.invocation_metadata())})
+            d.metrics.rejected("permission_denied")
+            log.warning("session %s: %s refused to %s (owned by %s)", session_id, action, principal.id,
+                        s.principal.id, extra={"run_id": session_id})
+            s = None
+        elif s is None or s.state == "closed" or s.closing.is_set():
+            message = d.sessions.ended_message(session_id, principal)
+            if message is None:
+                rec = await d.read(lambda st: st.get_run(session_id))
+                if rec and rec.get("kind") == "session" and rec.get("finished_at") and (
+                        principal.is_admin or rec.get("principal") == principal.id):
+                    message = (f"session {session_id!r} ended at {rec.get('finished_at')}: "
+                               f"{rec.get('end_reason') or rec.get('outcome')}"
+                               + (f" ({rec.get('message') or rec.get('reason')})"
+                                  if rec.get('message') or rec.get('reason') else ""))
+            await abort(context, NotFound(message or f"session {session_id!r} not found"))
+        if s is None:
+            await abort(context, NotFound(f"session {session_id!r} not found"))
+        return principal, s
+
+    async def CreateSession(self, request: pb.CreateSessionRequest, context):
+        d = self.d
+        sid = new_run_id()
+        catalog, cfg = d.catalog, d.config
+        scfg = cfg.sessions
+        agent = claims_of(context.invocation_metadata())
+        record = {"kind": "session", "received_at": time.time(), "created_at": time.time(), "agent": agent,
+                  "config_sha256": catalog.config_sha256, "runner": request.runner[:64]}
+        try:
+            principal = d.authenticator.authenticate(context)
+            record.update(principal=principal.as_record(), auth_method=principal.method, peer=principal.peer)
+            allowed = policy.authorize(principal, request.runner, cfg.identity)
+            record["policy"] = allowed.name
+            if not allowed.sessions:
+                raise NotAllowed(f"principal {principal.id!r} may not create sessions (policy {allowed.name!r})")
+            idle_max = min(scfg.idle_timeout_max, allowed.session_idle_timeout or scfg.idle_timeout_max)
+            life_max = min(scfg.max_lifetime_max, allowed.session_max_lifetime or scfg.max_lifetime_max)
+            idle = _duration("idle_timeout_seconds", request.idle_timeout_seconds, min(scfg.idle_timeout, idle_max),
+                             idle_max)
+            lifetime = _duration("max_lifetime_seconds", request.max_lifetime_seconds,
+                                 min(scfg.max_lifetime, life_max), life_max)
+            env = _env(request.env)
+            runner = catalog.runners.get(request.runner)
+            spec = policy.plan_session(
+                request.runner, catalog.runners, catalog.images, catalog.seccomp, sid, wire.limits_of(request.limits),
+                allowed, lifetime, tuple(sorted(request.files.items())),
+                sessions_mod.kernel_files(runner) if runner else (), cfg.server.max_request_bytes)
+            for name in env:
+                if not runner.allows_session_env(name):
+                    raise InvalidRequest(f"env: {name!r} may not be set in runner {runner.name!r}'s sessions")
+            d.sessions.check_room(principal.id, allowed, spec.limits.memory)
+        except SandboxError as err:
+            record.setdefault("peer", {"address": context.peer()})
+            d.metrics.rejected(err.reason)
+            await d.record("run_denied", sid, {**record, "outcome": "rejected", "reason": err.reason,
+                                               "message": str(err)})
+            log.info("session %s refused (%s): %s", sid, err.reason, err, extra={"run_id": sid})
+            await abort(context, err)
+            return
+        session = sessions_mod.Session(id=sid, principal=principal, policy=allowed, runner=runner, spec=spec,
+                                       idle_timeout=idle, max_lifetime=lifetime, env=env, agent=agent)
+        summary = spec.summary()
+        record.update({"limits": summary["limits"], "image": spec.image.name, "idle_timeout": idle,
+                       "max_lifetime": lifetime, "env_names": sorted(env),
+                       "files": summary["files"], "workspace_tar_bytes": len(request.workspace_tar),
+                       "workspace_tar_sha256": hashlib.sha256(request.workspace_tar).hexdigest(),
+                       "sandbox_profile": {"namespaces": list(d.namespaces), "seccomp": spec.seccomp.name,
+                                           "seccomp_sha256": spec.seccomp.sha256, "network": spec.network,
+                                           "cgroup_driver": d.launcher.driver, "landlock": d.landlock}})
+        await d.record_event("session.created", sid, record)
+        try:
+            await d.sessions.create(session, spec.files, request.workspace_tar)
+        except SandboxError as err:
+            await abort(context, err)
+            return
+        log.info("session %s created: %s on %s under policy %s", sid, principal.id, runner.name, allowed.name,
+                 extra={"run_id": sid})
+        return wire.session_msg(session)
+
+    async def GetSession(self, request: pb.GetSessionRequest, context):
+        _, s = await self._session(context, request.session_id, "get")
+        return wire.session_msg(s)
+
+    async def ListSessions(self, request: pb.ListSessionsRequest, context):
+        principal = await self._principal(context)
+        who = request.principal or None
+        if not principal.is_admin:
+            if who not in (None, principal.id):
+                await abort(context, NotAllowed("only principals with the admin role may list others' sessions"))
+            who = principal.id
+        live = [s for s in self.d.sessions.sessions.values() if who is None or s.principal.id == who]
+        out = [wire.session_msg(s) for s in sorted(live, key=lambda s: s.created_at, reverse=True)]
+        limit = min(request.limit or 100, 1000)
+        if request.include_closed and len(out) < limit:
+            ids = {m.session_id for m in out}
+            rows = await self.d.read(lambda st: st.list_sessions(principal=who, limit=limit))
+            out += [wire.session_record_msg(r) for r in rows if r.get("run_id") not in ids and r.get("finished_at")]
+        return pb.ListSessionsResponse(sessions=out[:limit])
+
+    async def CloseSession(self, request: pb.CloseSessionRequest, context):
+        principal, s = await self._session(context, request.session_id, "close")
+        who = "" if principal.id == s.principal.id else f" by {principal.id}"
+        await self.d.sessions.close(s, "closed", f"closed{who}" if who else "")
+        return wire.session_msg(s)
+
+    async def _record_call(self, principal, context, s, kind: str, data: dict, result) -> None:
+        rec = {"kind": kind, "session_id": s.id, "principal": principal.as_record(), "auth_method": principal.method,
+               "agent": claims_of(context.invocation_metadata()), "runner": s.runner.name, "policy": s.policy.name,
+               **data}
+        if result is not None:
+            rec.update({"outcome": result.outcome.value, "exit_code": result.exit_code, "signal": result.signal,
+                        "cpu_seconds": result.cpu_seconds, "wall_seconds": result.wall_seconds,
+                        "peak_memory_bytes": result.peak_memory_bytes, "stdout_bytes": result.stdout_bytes,
+                        "stderr_bytes": result.stderr_bytes, "stdout_sha256": result.stdout_sha256,
+                        "stderr_sha256": result.stderr_sha256, "message": result.message,
+                        "finished_at": time.time()})
+            self.d.metrics.session_call(kind, result.outcome.value)
+        await self.d.record_event("session.call", result.call_id, rec)
+
+    async def Exec(self, request_iterator, context):
+        it = request_iterator.__aiter__()
+        try:
+            first = await it.__anext__()
+        except StopAsyncIteration:
+            await abort(context, InvalidRequest("Exec: expected a first message with `start`"))
+        if first.WhichOneof("msg") != "start":
+            await abort(context, InvalidRequest("Exec: the first message must be `start`"))
+        st = first.start
+        principal, s = await self._session(context, st.session_id, "exec")
+        received = time.time()
+        try:
+            argv = _argv(st)
+            env = s and self.d.sessions.call_env(s, _env(st.env))
+            cwd = _cwd(st.cwd)
+            timeout = _duration("timeout_seconds", st.timeout_seconds, s.spec.limits.wall_time, s.max_lifetime)
+            output = int(st.output_bytes) or s.spec.limits.output
+            if output > s.runner.max_limits.output:
+                raise InvalidRequest(f"output_bytes: {output} is above the maximum {s.runner.max_limits.output}")
+        except SandboxError as err:
+            await abort(context, err)
+        command = {"argv0": argv[0], "argv_sha256": hashlib.sha256("\0".join(argv).encode()).hexdigest(),
+                   "cwd": cwd, "env_names": sorted(st.env), "tty": st.tty}
+        if s.policy.store_code:
+            command["argv"] = argv
+
+        async def more():
+            async for m in it:
+                which = m.WhichOneof("msg")
+                if which == "stdin":
+                    yield "stdin", m.stdin
+                elif which == "close_stdin" and m.close_stdin:
+                    yield "close_stdin", None
+                elif which == "resize":
+                    yield "resize", (m.resize.rows or 24, m.resize.cols or 80)
+
+        events = self.d.sessions.exec(s, argv, env, cwd, timeout, output, tty=st.tty, rows=st.window.rows,
+                                      cols=st.window.cols, stdin=st.stdin, close_stdin=st.close_stdin,
+                                      requests=more())
+        try:
+            async for kind, value in events:
+                if kind == "started":
+                    yield wire.started_event(value)
+                elif kind == "result":
+                    await self._record_call(principal, context, s, "exec",
+                                            {"received_at": received, "command": command}, value)
+                    yield wire.call_result_event(value, s.id)
+                else:
+                    yield wire.output_event(kind, value)
+        except SandboxError as err:
+            await abort(context, err)
+        finally:
+            await events.aclose()
+
+    async def RunCode(self, request: pb.RunCodeRequest, context):
+        principal, s = await self._session(context, request.session_id, "code")
+        received = time.time()
+        try:
+            if request.language not in ("", "python", "python3"):
+                raise InvalidRequest(f"language: {request.language!r}: only python kernels exist")
+            if s.runner.kernel != "python":
+                raise InvalidRequest(f"runner {s.runner.name!r} has no Python kernel (use a python runner, or Exec)")
+            ctx = self.d.sessions.context(s, request.context)
+            timeout = _duration("timeout_seconds", request.timeout_seconds, s.spec.limits.wall_time, s.max_lifetime)
+            output = int(request.output_bytes) or s.spec.limits.output
+            if len(request.code.encode("utf-8", "surrogatepass")) > self.d.config.server.max_request_bytes:
+                raise TooLarge("code: larger than server.max_request_bytes")
+        except SandboxError as err:
+            await abort(context, err)
+        code = request.code.encode("utf-8", "surrogatepass")
+        data = {"received_at": received, "context": ctx.name, "code_sha256": hashlib.sha256(code).hexdigest(),
+                "code_bytes": len(code)}
+        if s.policy.store_code:
+            data["code"] = request.code
+        events = self.d.sessions.run_code(s, ctx, request.code, timeout, output)
+        try:
+            async for kind, value in events:
+                if kind == "done":
+                    data.update(execution_count=value.execution_count, kernel_restarted=value.kernel_restarted,
+                                error=value.error)
+                    await self._record_call(principal, context, s, "code", data, value)
+                yield wire.cell_event(kind, value)
+        except SandboxError as err:
+            await abort(context, err)
+        finally:
+            await events.aclose()
+
+    async def InterruptCode(self, request: pb.InterruptCodeRequest, context):
+        _, s = await self._session(context, request.session_id, "interrupt")
+        try:
+            return pb.InterruptCodeResponse(interrupted=await self.d.sessions.interrupt(s, request.context))
+        except SandboxError as err:
+            await abort(context, err)
+
+    async def ResetContext(self, request: pb.ResetContextRequest, context):
+        _, s = await self._session(context, request.session_id, "reset")
+        try:
+            await self.d.sessions.reset(s, request.context)
+        except SandboxError as err:
+            await abort(context, err)
+        return pb.ResetContextResponse()
+
+    # -- files ---------------------------------------------------------------------------------------------------
+    async def _file_event(self, principal, context, s, op: str, **data) -> None:
+        await self.d.record_event("session.file", s.id, {
+            "op": op, "principal": principal.as_record(), "auth_method": principal.method,
+            "agent": claims_of(context.invocation_metadata()), **data})
+
+    async def PutFiles(self, request_iterator, context):
+        it = request_iterator.__aiter__()
+        try:
+            first = await it.__anext__()
+        except StopAsyncIteration:
+            await abort(context, InvalidRequest("PutFiles: expected at least one message"))
+        principal, s = await self._session(context, first.session_id, "put")
+        limit = self.d.config.sessions.transfer_limit
+        over: dict[str, int] = {}
+        bad: list[str] = []
+
+        async def frames():
+            msg, current, size, count = first, None, 0, 0
+            while msg is not None:
+                if msg.path:
+                    if current is not None:
+                        yield sessions_mod.frame(b"E", b"")
+                    count += 1
+                    if count > MAX_PATHS:
+                        bad.append(f"PutFiles: more than {MAX_PATHS} files in one call")
+                        return
+                    current, size = msg.path, 0
+                    yield sessions_mod.frame(b"J", json.dumps({"path": msg.path, "mode": msg.mode}).encode())
+                elif current is None and msg.data:
+                    bad.append("PutFiles: data before any path (the first message of a file names its path)")
+                    return
+                if msg.data and current is not None and current not in over:
+                    size += len(msg.data)
+                    if size > limit:
+                        over[current] = size
+                        yield sessions_mod.frame(b"X", b"")
+                    else:
+                        for i in range(0, len(msg.data), 256 << 10):
+                            yield sessions_mod.frame(b"D", msg.data[i:i + (256 << 10)])
+                try:
+                    msg = await it.__anext__()
+                except StopAsyncIteration:
+                    msg = None
+            if current is not None:
+                yield sessions_mod.frame(b"E", b"")
+        results = []
+        try:
+            async for kind, payload in self.d.sessions.file_op(s, {"op": "put"}, frames()):
+                if kind == b"J":
+                    results.append(json.loads(payload))
+        except SandboxError as err:
+            await abort(context, err)
+        if bad:
+            await abort(context, InvalidRequest(bad[0]))
+        for r in results:
+            if r.get("path") in over:
+                r.update(error="too_large", message=f"{r['path']}: more than the transfer limit of {limit} bytes")
+        total = sum(int(r.get("size") or 0) for r in results if not r.get("error"))
+        self.d.metrics.file_bytes.labels("in").inc(total)
+        await self._file_event(principal, context, s, "put", files=[
+            {k: r.get(k) for k in ("path", "size", "sha256", "error")} for r in results])
+        return pb.PutFilesResponse(results=[wire.file_result(r) for r in results])
+
+    async def GetFiles(self, request: pb.GetFilesRequest, context):
+        principal, s = await self._session(context, request.session_id, "get")
+        if not request.paths or len(request.paths) > MAX_PATHS:
+            await abort(context, InvalidRequest(f"paths: expected 1 to {MAX_PATHS} paths"))
+        limit = self.d.config.sessions.transfer_limit
+        max_bytes = min(request.max_bytes or limit, limit)
+        current, sent, record = "", 0, []
+        async for kind, payload in self.d.sessions.file_op(
+                s, {"op": "get", "paths": list(request.paths), "max_bytes": max_bytes}):
+            if kind == b"J":
+                head = json.loads(payload)
+                current = str(head.get("path", ""))
+                if head.get("error"):
+                    record.append({"path": current, "error": head["error"]})
+                    yield pb.GetFilesChunk(path=current, error=head["error"], message=str(head.get("message", "")),
+                                           eof=True)
+                elif head.get("eof"):
+                    record.append({"path": current, "size": head.get("size"), "sha256": head.get("sha256")})
+                    yield pb.GetFilesChunk(path=current, eof=True, size=int(head.get("size") or 0),
+                                           sha256=str(head.get("sha256", "")))
+                else:
+                    yield pb.GetFilesChunk(path=current, size=int(head.get("size") or 0),
+                                           mode=int(head.get("mode") or 0))
+            elif kind == b"D":
+                sent += len(payload)
+                yield pb.GetFilesChunk(path=current, data=payload)
+        self.d.metrics.file_bytes.labels("out").inc(sent)
+        await self._file_event(principal, context, s, "get", files=record)
+
+    async def _single(self, context, s, req: dict) -> list[dict]:
+        try:
+            out = await self.d.sessions.simple_file_op(s, req)
+        except SandboxError as err:
+            await abort(context, err)
+        for r in out:
+            if r.get("error") and req["op"] in ("stat", "list", "mkdir"):
+                await context.abort(FILE_STATUS.get(r["error"], grpc.StatusCode.FAILED_PRECONDITION),
+                                    f"{r['error']}: {r.get('message', '')}")
+        return out
+
+    async def StatFile(self, request: pb.StatFileRequest, context):
+        _, s = await self._session(context, request.session_id, "stat")
+        out = await self._single(context, s, {"op": "stat", "path": request.path})
+        return wire.file_info(out[0]) if out else pb.FileInfo()
+
+    async def ListFiles(self, request: pb.ListFilesRequest, context):
+        _, s = await self._session(context, request.session_id, "list")
+        out = await self._single(context, s, {"op": "list", "path": request.path, "depth": request.depth or 1})
+        return pb.ListFilesResponse(files=[wire.file_info(r) for r in out if "type" in r])
+
+    async def RemoveFiles(self, request: pb.RemoveFilesRequest, context):
+        principal, s = await self._session(context, request.session_id, "remove")
+        if not request.paths or len(request.paths) > MAX_PATHS:
+            await abort(context, InvalidRequest(f"paths: expected 1 to {MAX_PATHS} paths"))
+        out = await self._single(context, s, {"op": "remove", "paths": list(request.paths),
+                                              "recursive": request.recursive})
+        await self._file_event(principal, context, s, "remove", files=[
+            {"path": r.get("path"), "error": r.get("error")} for r in out], recursive=request.recursive)
+        return pb.RemoveFilesResponse(results=[wire.file_result(r) for r in out])
+
+    async def MakeDir(self, request: pb.MakeDirRequest, context):
+        principal, s = await self._session(context, request.session_id, "mkdir")
+        out = await self._single(context, s, {"op": "mkdir", "path": request.path, "parents": request.parents,
+                                              "mode": request.mode})
+        await self._file_event(principal, context, s, "mkdir", files=[{"path": request.path}])
+        return wire.file_result(out[0]) if out else pb.FileResult(path=request.path)
+
+    async def ExportWorkspace(self, request: pb.ExportWorkspaceRequest, context):
+        principal, s = await self._session(context, request.session_id, "export")
+        digest, total = hashlib.sha256(), 0
+        async for kind, payload in self.d.sessions.file_op(s, {"op": "export", "path": request.path}):
+            if kind == b"D":
+                digest.update(payload)
+                total += len(payload)
+                yield pb.DataChunk(data=payload)
+            elif kind == b"J":
+                head = json.loads(payload)
+                if head.get("error"):
+                    await context.abort(FILE_STATUS.get(head["error"], grpc.StatusCode.FAILED_PRECONDITION),
+                                        f"{head['error']}: {head.get('message', '')}")
+        self.d.metrics.file_bytes.labels("out").inc(total)
+        await self._file_event(principal, context, s, "export", path=request.path, bytes=total,
+                               sha256=digest.hexdigest())
+
+    async def ImportWorkspace(self, request_iterator, context):
+        it = request_iterator.__aiter__()
+        try:
+            first = await it.__anext__()
+        except StopAsyncIteration:
+            await abort(context, InvalidRequest("ImportWorkspace: expected at least one message"))
+        principal, s = await self._session(context, first.session_id, "import")
+
+        async def chunks():
+            yield first.data
+            async for m in it:
+                yield m.data
+        try:
+            res = await self.d.sessions.import_tar(s, chunks(), first.path)
+        except SandboxError as err:
+            await abort(context, err)
+        await self._file_event(principal, context, s, "import", path=first.path, bytes=res.get("tar_bytes"),
+                               sha256=res.get("sha256"), files=res.get("files"), error=res.get("error"))
+        if res.get("error"):
+            code = FILE_STATUS.get(res["error"], grpc.StatusCode.FAILED_PRECONDITION)
+            await context.abort(code, f"{res['error']}: {res.get('message', '')}")
+        self.d.metrics.file_bytes.labels("in").inc(int(res.get("bytes") or 0))
+        return pb.ImportWorkspaceResponse(files=int(res.get("files") or 0), bytes=int(res.get("bytes") or 0),
+                                          sha256=res.get("sha256", ""))
+
+
+def _duration(name: str, value: float, default: float, maximum: float) -> float:
+    if not math.isfinite(value) or value < 0:
+        raise InvalidRequest(f"{name}: expected a positive number of seconds or 0 for the default, got {value}")
+    if value == 0:
+        return default
+    if value > maximum:
+        raise InvalidRequest(f"{name}: {value:g}s is above the maximum of {maximum:g}s")
+    return value
+
+
+def _env(env) -> dict:
+    out = {}
+    if len(env) > 1024:
+        raise InvalidRequest("env: more than 1024 variables")
+    for name, value in env.items():
+        if not ENV_NAME_RE.match(name):
+            raise InvalidRequest(f"env: {name!r} is not a valid variable name")
+        if "\0" in value:
+            raise InvalidRequest(f"env: {name}: value contains a NUL byte")
+        out[name] = value
+    return out
+
+
+def _argv(st) -> list[str]:
+    if bool(st.argv) == bool(st.shell):
+        raise InvalidRequest("Exec: give exactly one of argv (a program and its arguments) or shell (a command "
+                             "line for sh -c)")
+    argv = list(st.argv) if st.argv else ["/bin/sh", "-c", st.shell]
+    if len(argv) > MAX_ARGV or any("\0" in a for a in argv) or not argv[0]:
+        raise InvalidRequest(f"argv: expected 1 to {MAX_ARGV} arguments without NUL bytes, the first not empty")
+    return argv
+
+
+def _cwd(cwd: str) -> str:
+    if "\0" in cwd or len(cwd) > 4096:
+        raise InvalidRequest(f"cwd: {cwd[:64]!r} is not a valid path")
+    if not cwd:
+        return "/work"
+    return cwd if cwd.startswith("/") else f"/work/{cwd}"
+
+
+class SandboxService(SessionService, pb_grpc.SandboxServicer):
     def __init__(self, daemon: Daemon):
         self.d = daemon
 
@@ -86,7 +559,7 @@ class SandboxService(pb_grpc.SandboxServicer):
             d.rates.check(principal.id, allowed.runs_per_minute, time.monotonic())
             spec, dropped_env = policy.plan_run(
                 req, catalog.runners, catalog.images, catalog.seccomp, run_id, cfg.server.max_request_bytes,
-                cfg.sandbox.stop_on_output_limit, ceiling=allowed.limits)
+                cfg.sandbox.stop_on_output_limit, ceiling=allowed.limits, collect_max=cfg.sessions.collect_limit)
         except SandboxError as err:
             if "peer" not in record:
                 record["peer"] = {"address": context.peer()}
@@ -198,5 +671,3 @@ def _record_msg(rec: dict) -> pb.RunRecord:
         received_at=str(rec.get("received_at") or ""), finished_at=str(rec.get("finished_at") or ""),
         policy=str(rec.get("policy") or ""), code_sha256=str(rec.get("code_sha256") or ""),
         record_json=json.dumps(rec, sort_keys=True, default=str))
-
-

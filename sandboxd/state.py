@@ -29,6 +29,7 @@ from .sandbox import cgroups, landlock, namespaces, seccomp
 from .sandbox.launcher import Launcher
 from .sandbox.spec import ImageSpec, SeccompProgram
 from .store import Store
+from .sessions import SessionManager
 from .supervisor import RunResult, Supervisor, UidPool
 
 log = logging.getLogger("sandboxd")
@@ -75,18 +76,23 @@ class Daemon:
                                  log_level=cfg.logging.level, log_format=cfg.logging.format)
         self.uids = UidPool(cfg.sandbox.uid_start, cfg.sandbox.uid_count)
         self.supervisor = Supervisor(self.launcher, self.uids)
-        # Never more concurrent runs than uids to give them.
-        slots = min(cfg.admission.max_concurrent or default_max_concurrent(), cfg.sandbox.uid_count)
+        # Never more concurrent runs than uids to give them, keeping the uids live sessions may hold.
+        slots = min(cfg.admission.max_concurrent or default_max_concurrent(), self._run_uids(cfg))
         self.admission = Admission(slots, cfg.admission.max_queue, cfg.admission.max_queue_wait,
                                    max_queue_per_principal=cfg.admission.max_queue_per_principal)
         self.metrics.active.set_function(lambda: self.admission.running)
         self.metrics.queue_depth.set_function(lambda: self.admission.queued)
+        self.sessions = SessionManager(self)
         self._db = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sandboxd-store")
         self.store: Store | None = None
         self.rates = RateLimiter()
         self.proxy: UnixPeerProxy | None = None
         abi = landlock.abi_version()
         self.landlock = f"abi {abi}" if abi else "unsupported by the kernel"
+
+    @staticmethod
+    def _run_uids(cfg: Config) -> int:
+        return max(1, cfg.sandbox.uid_count - min(cfg.sessions.max_live, cfg.sandbox.uid_count // 2))
 
     @property
     def authenticator(self) -> Authenticator:
@@ -110,7 +116,8 @@ class Daemon:
         self.store = await self._call(Store, os.path.join(self.config.server.state_dir, "sandboxd.db"))
         interrupted = await self._call(lambda: self.store.mark_interrupted("daemon restarted during the run"))
         if interrupted:
-            log.warning("marked %d runs interrupted by a previous daemon's exit", len(interrupted))
+            log.warning("marked %d runs and sessions interrupted by a previous daemon's exit", len(interrupted))
+        self.sessions.start()
         await self._call(self.store.append, "config.loaded", {
             "source": self.config.source, "config_sha256": self.catalog.config_sha256, "version": __version__,
             "runners": sorted(self.catalog.runners), "host": self.hostname})
@@ -127,6 +134,7 @@ class Daemon:
                      cp.seq_upto)
 
     async def stop(self) -> None:
+        await self.sessions.stop()
         await self.launcher.stop()
         if self.store is not None:
             await self._call(self.store.close)
@@ -158,7 +166,8 @@ class Daemon:
                                         cgroup_parent_name=old.sandbox.cgroup_parent_name,
                                         cgroup_parent_path=old.sandbox.cgroup_parent_path))
         self.catalog = catalog
-        self.admission.reconfigure(min(new.admission.max_concurrent or default_max_concurrent(), self.uids.size),
+        self.admission.reconfigure(min(new.admission.max_concurrent or default_max_concurrent(),
+                                       self._run_uids(self.config)),
                                    new.admission.max_queue, new.admission.max_queue_wait,
                                    new.admission.max_queue_per_principal)
         logging.getLogger().setLevel(new.logging.level)
@@ -201,6 +210,11 @@ class Daemon:
     async def record(self, method: str, run_id: str, data: dict) -> None:
         data = {**data, "daemon_version": __version__, "host": self.hostname}
         await self._call(getattr(self.store, method), run_id, data)
+
+    async def record_event(self, kind: str, run_id: str | None, data: dict) -> None:
+        """Append any event to the chain (durable before the caller goes on)."""
+        data = {**data, "daemon_version": __version__, "host": self.hostname}
+        await self._call(self.store.append, kind, data, run_id)
 
     async def finish(self, run_id: str, result: RunResult, runner: str) -> None:
         """Record the end of a run (durable before the caller sends the result) and count it."""

@@ -48,7 +48,12 @@ from typing import Any, Iterator, TextIO
 GENESIS = "0" * 64
 # Events of these kinds need a run_id and are folded into `runs`. Any other kind (config.loaded, store.pruned, and
 # whatever the identity work adds) is logged and chained, and does not touch `runs`.
-RUN_KINDS = frozenset({"run.requested", "run.denied", "run.started", "run.finished", "run.interrupted"})
+RUN_KINDS = frozenset({"run.requested", "run.denied", "run.started", "run.finished", "run.interrupted",
+                       "session.created", "session.closed", "session.call"})
+# Sessions are rows of `runs` too (record "kind": "session"): session.created opens the row and session.closed
+# finishes it, so listing, retention and the restart's "interrupted" treat a session like a run. Each exec or code
+# cell in a session is one session.call event: a finished row of its own (kind "exec" or "code", with session_id).
+# File operations and refused calls on a session are session.* events under the session's id, outside `runs`.
 
 # Columns of `runs` after run_id, in table order. `record` (the full merged JSON) comes last.
 COLUMNS = ("received_at", "started_at", "finished_at", "principal", "auth_method", "agent_name", "agent_version",
@@ -268,6 +273,16 @@ class Store:
             out.append(run)
         return out
 
+    def list_sessions(self, principal: str | None = None, limit: int = 100) -> list[dict]:
+        """Session rows, newest first (live ones have no finished_at)."""
+        sql = "SELECT * FROM runs WHERE json_extract(record, '$.kind') = 'session'"
+        args: list = []
+        if principal is not None:
+            sql += " AND principal = ?"
+            args.append(principal)
+        rows = self._db.execute(sql + " ORDER BY received_at DESC, run_id DESC LIMIT ?", (*args, limit))
+        return [_run_dict(r) for r in rows]
+
     def export_jsonl(self, out: TextIO, since_seq: int = 0) -> int:
         """Write events with seq > since_seq as canonical JSON lines ("data" as an object); returns the count.
         canon(line["data"]) reproduces the hashed string exactly, so the export is verifiable on its own."""
@@ -369,7 +384,7 @@ def _fold(record: dict | None, event: Event) -> dict:
         rec["received_at"] = event.ts
     if event.kind == "run.started":
         rec["started_at"] = event.data.get("started_at") or event.ts
-    elif event.kind in ("run.denied", "run.finished", "run.interrupted"):
+    elif event.kind in ("run.denied", "run.finished", "run.interrupted", "session.closed", "session.call"):
         rec["finished_at"] = event.data.get("finished_at") or event.ts
     if event.kind == "run.denied":
         rec["outcome"] = "rejected"

@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import enum
 import hashlib
+import json
 import logging
 import os
 import signal
@@ -70,10 +71,14 @@ class RunResult:
     oom_kills: int = 0
     stored_stdout: bytes = b""
     stored_stderr: bytes = b""
+    files: tuple = ()                    # collected files: {"path", "mode", "data"}
+    files_truncated: bool = False
 
     def as_record(self) -> dict:
         d = dataclasses.asdict(self)
         d["outcome"] = self.outcome.value
+        d["files"] = [{"path": f["path"], "size": len(f["data"]), "sha256": hashlib.sha256(f["data"]).hexdigest()}
+                      for f in self.files]
         for stream in ("stdout", "stderr"):
             data = d.pop(f"stored_{stream}")
             if data:
@@ -146,6 +151,8 @@ class ActiveRun:
         self.handle = None
         self.cancel_reason: str | None = None
         self.task: asyncio.Task | None = None
+        self.collected: list[dict] = []
+        self.collect_truncated = False
 
     async def output(self) -> AsyncIterator[tuple[str, bytes]]:
         """("stdout" | "stderr", chunk) in the order read, until both streams are closed."""
@@ -175,21 +182,57 @@ class Supervisor:
         run = ActiveRun(spec, keep_output)
         out_r, out_w = os.pipe2(os.O_CLOEXEC)
         err_r, err_w = os.pipe2(os.O_CLOEXEC)
+        col_r, col_w = os.pipe2(os.O_CLOEXEC) if spec.collect else (-1, -1)
         try:
-            run.handle = await self.launcher.run(spec, stdin, out_w, err_w)
+            run.handle = await self.launcher.run(spec, stdin, out_w, err_w, col_w)
         except LauncherError as e:
             os.close(out_r)
             os.close(err_r)
+            if col_r >= 0:
+                os.close(col_r)
             self.uids.give_back(uid, True)
             raise SetupFailed(f"sandbox launcher unavailable: {e}") from e
         finally:
             os.close(out_w)
             os.close(err_w)
+            if col_w >= 0:
+                os.close(col_w)
         self.active[spec.run_id] = run
-        run.task = asyncio.create_task(self._run(run, out_r, err_r, accepted_at))
+        run.task = asyncio.create_task(self._run(run, out_r, err_r, accepted_at, col_r))
         return run
 
-    async def _run(self, run: ActiveRun, out_r: int, err_r: int, accepted_at: float) -> None:
+    @staticmethod
+    async def _collect(run: ActiveRun, fd: int) -> None:
+        """Files the sandbox's file agent hands back after the payload exits (files.py frames), bounded."""
+        from .pipes import FrameReader
+        reader = FrameReader(fd)
+        current, total = None, 0
+        try:
+            while (item := await reader.read()) is not None:
+                kind, payload = item
+                if kind == b"J":
+                    head = json.loads(payload)
+                    if head.get("done"):
+                        run.collect_truncated = bool(head.get("truncated"))
+                        continue
+                    path = str(head.get("path", ""))
+                    current = {"path": path, "mode": int(head.get("mode") or 0o644) & 0o7777, "data": bytearray()}
+                elif kind == b"D" and current is not None:
+                    total += len(payload)
+                    if total > run.spec.collect_max:
+                        run.collect_truncated, current = True, None
+                        continue
+                    current["data"] += payload
+                elif kind == b"E" and current is not None:
+                    current["data"] = bytes(current["data"])
+                    run.collected.append(current)
+                    current = None
+        except (ValueError, OSError):
+            run.collect_truncated = True
+        finally:
+            reader.close()
+
+    async def _run(self, run: ActiveRun, out_r: int, err_r: int, accepted_at: float, col_r: int = -1) -> None:
         spec, handle = run.spec, run.handle
         stats = {"stdout": StreamStats(), "stderr": StreamStats()}
         limited = asyncio.Event()
@@ -198,7 +241,8 @@ class Supervisor:
             handle.started.add_done_callback(
                 lambda f: run.started.done() or run.started.set_result(f.result() if not f.cancelled() else None))
             await asyncio.gather(self._pump(out_r, "stdout", stats["stdout"], run, limited),
-                                 self._pump(err_r, "stderr", stats["stderr"], run, limited))
+                                 self._pump(err_r, "stderr", stats["stderr"], run, limited),
+                                 *([self._collect(run, col_r)] if col_r >= 0 else []))
             await run.queue.put(None)
             # The launcher enforces the wall clock; this bound only guards against a lost launcher message.
             fin = await asyncio.wait_for(asyncio.shield(handle.finished), spec.limits.wall_time + 60)
@@ -225,7 +269,8 @@ class Supervisor:
             stdout_truncated=stats["stdout"].truncated, stderr_truncated=stats["stderr"].truncated,
             stdout_sha256=stats["stdout"].sha256.hexdigest(), stderr_sha256=stats["stderr"].sha256.hexdigest(),
             message=message, setup_seconds=(exec_at - accepted_at) if exec_at else None, oom_kills=fin.oom_kills,
-            stored_stdout=bytes(stats["stdout"].kept), stored_stderr=bytes(stats["stderr"].kept)))
+            stored_stdout=bytes(stats["stdout"].kept), stored_stderr=bytes(stats["stderr"].kept),
+            files=tuple(run.collected), files_truncated=run.collect_truncated))
 
     async def _pump(self, fd: int, name: str, st: StreamStats, run: ActiveRun, limited: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()

@@ -22,7 +22,9 @@ import json
 import os
 import signal
 
-from . import _libc, creds, landlock, namespaces, rlimits, rootfs, seccomp
+import socket
+
+from . import _libc, creds, files, init as session_init, landlock, namespaces, rlimits, rootfs, seccomp
 from .spec import RunSpec
 
 SETUP_FAILED = 121
@@ -63,12 +65,13 @@ def _join_cgroup(paths: list[str]) -> None:
 
 
 def keeper(spec: RunSpec, stdio: tuple[int, int, int], status_fd: int, join_paths: list[str], staging: str,
-           cap_last: int) -> None:
-    """Entry point right after the launcher's fork(). Never returns."""
+           cap_last: int, extra_fd: int = -1) -> None:
+    """Entry point right after the launcher's fork(). Never returns. `extra_fd` is the session's control
+    socket (sessions) or the pipe collected files go to (one-shot runs with collect patterns)."""
     code = SETUP_FAILED
     try:
         _libc.prctl(_libc.PR_SET_PDEATHSIG, signal.SIGKILL)  # the launcher died: so does the run
-        close_fds_except({*stdio, status_fd})
+        close_fds_except({*stdio, status_fd, extra_fd} - {-1})
         # Hold 0-2 on /dev/null so no later pipe or file lands there and is clobbered by the payload's dup2.
         while (fd := os.open("/dev/null", os.O_RDWR)) <= 2:
             pass
@@ -77,9 +80,11 @@ def keeper(spec: RunSpec, stdio: tuple[int, int, int], status_fd: int, join_path
         _step(status_fd, "namespaces", namespaces.apply)
         pid = os.fork()
         if pid == 0:
-            _init(spec, stdio, status_fd, staging, cap_last)
+            _init(spec, stdio, status_fd, staging, cap_last, extra_fd)
         for fd in stdio:
             os.close(fd)
+        if extra_fd >= 0:
+            os.close(extra_fd)
         _, status = os.waitpid(pid, 0)
         code = os.waitstatus_to_exitcode(status) & 0xFF
     except BaseException:  # noqa: BLE001
@@ -87,13 +92,21 @@ def keeper(spec: RunSpec, stdio: tuple[int, int, int], status_fd: int, join_path
     os._exit(code)
 
 
-def _init(spec: RunSpec, stdio: tuple[int, int, int], status_fd: int, staging: str, cap_last: int) -> None:
+def _init(spec: RunSpec, stdio: tuple[int, int, int], status_fd: int, staging: str, cap_last: int,
+          extra_fd: int = -1) -> None:
     code = SETUP_FAILED
     try:
         _libc.prctl(_libc.PR_SET_PDEATHSIG, signal.SIGKILL)
         _step(status_fd, "hostname", namespaces.set_hostname, spec.hostname)
         _step(status_fd, "loopback", namespaces.loopback_up)
         _step(status_fd, "rootfs", rootfs.apply, spec, staging)
+        if spec.session:
+            for fd in stdio:
+                os.close(fd)
+            ctl = socket.socket(fileno=extra_fd)
+            ctl.setblocking(True)
+            code = session_init.serve(spec, ctl, lambda **m: _report(status_fd, **m), cap_last)
+            os._exit(code)
         err_r, err_w = os.pipe2(os.O_CLOEXEC)
         main = os.fork()
         if main == 0:
@@ -109,9 +122,35 @@ def _init(spec: RunSpec, stdio: tuple[int, int, int], status_fd: int, staging: s
         else:
             _report(status_fd, ev="exec")
         code = _reap_until(main, status_fd, report=not failure)
+        if extra_fd >= 0 and not failure:
+            _collect(spec, extra_fd, cap_last)
     except BaseException:  # noqa: BLE001
         pass
     os._exit(code)
+
+
+def _collect(spec: RunSpec, out_fd: int, cap_last: int) -> None:
+    """Hand back the files a one-shot run asked for, read by the file agent with the run's own credentials and
+    filters, while the sandbox still exists. Other processes of the run may still be running; the launcher's
+    deadline bounds this like the rest of the run."""
+    err_r, err_w = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:
+        os.close(err_r)
+        session_init._file_payload(spec, {"req": {"op": "collect", "patterns": list(spec.collect),
+                                                  "max_bytes": spec.collect_max}},
+                                   [os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC), out_fd], err_w, cap_last)
+    os.close(err_w)
+    os.close(out_fd)
+    _read_all(err_r)
+    os.close(err_r)
+    while True:
+        try:
+            done, _ = os.waitpid(-1, 0)
+        except ChildProcessError:
+            return
+        if done == pid:
+            return
 
 
 def _reap_until(main: int, status_fd: int, report: bool) -> int:

@@ -8,11 +8,17 @@ is gone. If the daemon's end of the control socket closes (the daemon died), it 
 cgroup and exits.
 
 Protocol (SOCK_SEQPACKET, one JSON object per message):
-  daemon -> launcher  {"op": "start", "run_id"} + SCM_RIGHTS [spec memfd, stdin, stdout, stderr]
+  daemon -> launcher  {"op": "start", "run_id"} + SCM_RIGHTS [spec memfd, stdin, stdout, stderr (, collect pipe)]
+                      {"op": "session", "run_id"} + SCM_RIGHTS [spec memfd]
+                      {"op": "call", "run_id", "call": {...}} + fds   (forwarded to the session's init, init.py)
                       {"op": "kill", "run_id", "reason"}   {"op": "ping"}   {"op": "shutdown"}
   launcher -> daemon  {"ev": "ready", "driver"}  {"ev": "pong", "runs"}
-                      {"ev": "started", "run_id", "at"}    (the payload's execve succeeded)
+                      {"ev": "started", "run_id", "at"}    (the payload's execve succeeded; a session is up)
+                      {"ev": "call", "run_id", "msg": {...}} + fds   (what a session's init reported)
                       {"ev": "finished", "run_id", ...}   (see Run.result)
+
+A session is a run whose init stays up as a command server (init.py) until the daemon ends it, its lifetime
+passes or the launcher goes: the launcher keeps a control socket to it and relays calls both ways, unchanged.
 """
 from __future__ import annotations
 
@@ -23,6 +29,7 @@ import json
 import logging
 import os
 import re
+import select
 import selectors
 import signal
 import socket
@@ -48,6 +55,7 @@ class Run:
         self.setup_error: str | None = None
         self.exit: dict = {}
         self.buf = b""
+        self.ctl: socket.socket | None = None   # sessions: the control socket to init
 
 
 class ForkServer:
@@ -114,8 +122,10 @@ class ForkServer:
         msg = json.loads(data)
         op = msg.get("op")
         try:
-            if op == "start":
+            if op in ("start", "session"):
                 self.handle_start(msg, fds)
+            elif op == "call":
+                self.handle_call(msg, fds)
             elif op == "kill":
                 self.handle_kill(msg["run_id"], msg.get("reason", "cancelled"))
             elif op == "ping":
@@ -131,13 +141,21 @@ class ForkServer:
         for run_id in list(self.runs):
             self.handle_kill(run_id, reason)
 
-    def send(self, **msg) -> None:
+    def send(self, fds: list[int] = (), **msg) -> None:
         if self.sock.fileno() < 0:
             return
-        try:
-            self.sock.send(json.dumps(msg).encode())
-        except OSError as e:
-            log.warning("cannot reach the daemon: %s", e)
+        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
+        data = json.dumps(msg).encode()
+        for _ in range(1000):
+            try:
+                self.sock.sendmsg([data], anc)
+                return
+            except BlockingIOError:  # the daemon is slow to read: a short wait, never a lost message
+                select.select([], [self.sock], [], 0.01)
+            except OSError as e:
+                log.warning("cannot reach the daemon: %s", e)
+                return
+        log.error("the daemon has not read its socket for 10s; dropped %s", msg.get("ev"))
 
     # -- runs --------------------------------------------------------------------------------------------
     def handle_start(self, msg: dict, fds: list[int]) -> None:
@@ -146,40 +164,108 @@ class ForkServer:
             self.send(ev="finished", run_id=run_id, setup_error="launcher: shutting down", clean=True)
             return
         try:
-            if len(fds) != 4:
-                raise ValueError(f"expected 4 fds, got {len(fds)}")
+            session = msg.get("op") == "session"
+            if len(fds) != (1 if session else 4) and not (not session and len(fds) == 5):
+                raise ValueError(f"expected {1 if session else 4} fds, got {len(fds)}")
             spec = RunSpec.from_json(_read_fd(fds[0]))
-            if spec.run_id != run_id or spec.uid <= 0 or spec.gid <= 0:
-                raise ValueError("bad spec: run id mismatch or privileged uid/gid")
+            if spec.run_id != run_id or spec.uid <= 0 or spec.gid <= 0 or spec.session != session:
+                raise ValueError("bad spec: run id or mode mismatch, or privileged uid/gid")
             cg = self.driver.create(run_id, cgroups.CgroupLimits(spec.limits.memory, spec.limits.pids,
                                                                  spec.limits.cpus))
         except Exception as e:  # noqa: BLE001 - reported as setup_failed, the launcher keeps serving
             self.send(ev="finished", run_id=run_id, setup_error=f"launcher: {type(e).__name__}: {e}", clean=True)
             return
         status_r, status_w = os.pipe2(os.O_CLOEXEC)
-        stdio = (fds[1], fds[2], fds[3])
+        ctl = theirs = None
+        extra = -1
+        if session:
+            ctl, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            extra = theirs.fileno()
+            null = [os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC) for _ in range(3)]
+            fds.extend(null)
+            stdio = tuple(null)
+        else:
+            stdio = (fds[1], fds[2], fds[3])
+            extra = fds[4] if len(fds) == 5 else -1
         try:
             join = cg.join_paths()
             pid = os.fork()
         except Exception as e:  # noqa: BLE001
             os.close(status_r)
             os.close(status_w)
+            for sock in (ctl, theirs):
+                if sock is not None:
+                    sock.close()
             self._remove_cgroup(cg)
             self.send(ev="finished", run_id=run_id, setup_error=f"launcher: fork: {e}", clean=True)
             return
         if pid == 0:
             try:
-                child.keeper(spec, stdio, status_w, join, self.staging, self.cap_last)
+                child.keeper(spec, stdio, status_w, join, self.staging, self.cap_last, extra)
             finally:
                 os._exit(child.SETUP_FAILED)
         os.close(status_w)
         pidfd = os.pidfd_open(pid)
         run = Run(spec, cg, pid, pidfd, status_r)
+        if session:
+            theirs.close()
+            ctl.setblocking(False)
+            run.ctl = ctl
+            run.deadline = time.monotonic() + spec.lifetime + SETUP_GRACE
+            self.sel.register(ctl, selectors.EVENT_READ, lambda _f, r=run: self.on_call_event(r))
         self.runs[run_id] = run
         os.set_blocking(status_r, False)
         self.sel.register(status_r, selectors.EVENT_READ, lambda _f, r=run: self.on_status(r))
         self.sel.register(pidfd, selectors.EVENT_READ, lambda _f, r=run: self.on_exit(r))
         heapq.heappush(self.timers, (run.deadline, run_id))
+
+    def handle_call(self, msg: dict, fds: list[int]) -> None:
+        """Relay a command to a session's init, with its fds (closed here afterwards by on_control)."""
+        run = self.runs.get(msg.get("run_id", ""))
+        call = msg.get("call") or {}
+        if run is None or run.ctl is None or run.kill_reason is not None:
+            self.send(ev="call", run_id=msg.get("run_id"), msg={"ev": "call_failed", "id": call.get("id", ""),
+                                                                "step": "launcher", "error": "the session is gone"})
+            return
+        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
+        try:
+            run.ctl.sendmsg([json.dumps(call).encode()], anc)
+        except OSError as e:
+            self.send(ev="call", run_id=run.spec.run_id, msg={"ev": "call_failed", "id": call.get("id", ""),
+                                                              "step": "launcher", "error": f"init: {e}"})
+
+    def on_call_event(self, run: Run) -> None:
+        try:
+            data, anc, _flags, _addr = run.ctl.recvmsg(65536, socket.CMSG_SPACE(MAX_FDS * 4))
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data, anc = b"", []
+        fds = []
+        for level, kind, payload in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                a = array.array("i")
+                a.frombytes(payload[: len(payload) - len(payload) % a.itemsize])
+                fds.extend(a)
+        try:
+            if not data:  # init is gone; on_exit reports the session's end
+                self.sel.unregister(run.ctl)
+                return
+            try:
+                msg = json.loads(data)
+            except ValueError:
+                return
+            if msg.get("ev") in ("call_started", "call_exit"):
+                # The daemon tells an OOM kill of a call from the cgroup's counter before and after it.
+                try:
+                    usage = run.cgroup.usage()
+                    msg.update(oom_kills=usage.oom_kills, peak_memory=usage.peak_memory)
+                except cgroups.CgroupError:
+                    pass
+            self.send(fds, ev="call", run_id=run.spec.run_id, msg=msg)
+        finally:
+            for fd in fds:
+                os.close(fd)
 
     def handle_kill(self, run_id: str, reason: str) -> None:
         run = self.runs.get(run_id)
@@ -215,7 +301,12 @@ class ForkServer:
             except ValueError:
                 continue
             ev = msg.pop("ev", None)
-            if ev == "exec" and run.exec_at is None:
+            if ev == "ready" and run.spec.session and run.exec_at is None:
+                run.exec_at = time.time()
+                run.deadline = time.monotonic() + run.spec.lifetime
+                heapq.heappush(self.timers, (run.deadline, run.spec.run_id))
+                self.send(ev="started", run_id=run.spec.run_id, at=run.exec_at)
+            elif ev == "exec" and run.exec_at is None:
                 run.exec_at = time.time()
                 run.deadline = time.monotonic() + run.spec.limits.wall_time
                 heapq.heappush(self.timers, (run.deadline, run.spec.run_id))
@@ -238,6 +329,12 @@ class ForkServer:
             self._consume(run)
         self.sel.unregister(run.pidfd)
         os.close(run.pidfd)
+        if run.ctl is not None:
+            try:
+                self.sel.unregister(run.ctl)
+            except (KeyError, ValueError):
+                pass
+            run.ctl.close()
         ended = time.time()
         sigsys = None
         if self.kmsg is not None:
@@ -273,7 +370,8 @@ class ForkServer:
             if run is not None and run.deadline <= now and run.kill_reason is None:
                 self.handle_kill(run_id, "timeout")
         for run_id, run in list(self.runs.items()):
-            if run.kill_reason is None and run.exec_at is not None:
+            # A session's CPU is bounded per process (RLIMIT_CPU) and by its cgroup's bandwidth, not in total.
+            if run.kill_reason is None and run.exec_at is not None and not run.spec.session:
                 try:
                     if run.cgroup.cpu_ns() > run.spec.limits.cpu_time * 1e9:
                         self.handle_kill(run_id, "cpu_time")

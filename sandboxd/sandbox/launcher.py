@@ -72,6 +72,71 @@ class RunHandle:
         await self.launcher.send({"op": "kill", "run_id": self.run_id, "reason": reason})
 
 
+class CallHandle:
+    """One call in a session: `started` resolves with init's call_started message (and the terminal's master
+    fd for tty calls, owned by the caller from then on); `finished` with call_exit or call_failed."""
+
+    def __init__(self, call_id: str):
+        loop = asyncio.get_running_loop()
+        self.id = call_id
+        self.started: asyncio.Future[tuple[dict, list[int]]] = loop.create_future()
+        self.finished: asyncio.Future[dict] = loop.create_future()
+
+    def resolve(self, msg: dict, fds: list[int]) -> None:
+        ev = msg.get("ev")
+        if ev == "call_started" and not self.started.done():
+            self.started.set_result((msg, fds))
+            return
+        for fd in fds:
+            os.close(fd)
+        if ev in ("call_exit", "call_failed") and not self.finished.done():
+            if not self.started.done():
+                self.started.set_result((msg, []))
+            self.finished.set_result(msg)
+
+
+class SessionHandle(RunHandle):
+    """A session's sandbox: `started` resolves once init serves commands, `finished` when the sandbox is gone."""
+
+    def __init__(self, launcher: "Launcher", run_id: str):
+        super().__init__(launcher, run_id)
+        self.calls: dict[str, CallHandle] = {}
+        self.finished.add_done_callback(lambda _f: self._gone())
+
+    async def call(self, call: dict, fds: list[int] = ()) -> CallHandle:
+        handle = CallHandle(call["id"])
+        if self.finished.done():
+            handle.resolve({"ev": "call_failed", "id": handle.id, "step": "session", "error": "the session is gone"},
+                           [])
+            return handle
+        self.calls[handle.id] = handle
+        handle.finished.add_done_callback(lambda _f: self.calls.pop(handle.id, None))
+        try:
+            await self.launcher.send({"op": "call", "run_id": self.run_id, "call": call}, list(fds))
+        except LauncherError as e:
+            handle.resolve({"ev": "call_failed", "id": handle.id, "step": "launcher", "error": str(e)}, [])
+        return handle
+
+    async def signal(self, call_id: str, sig: int, group: bool = True) -> None:
+        with contextlib.suppress(LauncherError):
+            await self.launcher.send({"op": "call", "run_id": self.run_id,
+                                      "call": {"op": "signal", "id": call_id, "sig": int(sig), "group": group}})
+
+    def on_call(self, msg: dict, fds: list[int]) -> None:
+        handle = self.calls.get(str(msg.get("id", "")))
+        if handle is None:
+            for fd in fds:
+                os.close(fd)
+            return
+        handle.resolve(msg, fds)
+
+    def _gone(self) -> None:
+        for handle in list(self.calls.values()):
+            handle.resolve({"ev": "call_failed", "id": handle.id, "step": "session", "error": "the session ended"},
+                           [])
+        self.calls.clear()
+
+
 def _sealed_memfd(name: str, data: bytes) -> int:
     fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     view = memoryview(data)
@@ -161,17 +226,34 @@ class Launcher:
             except OSError as e:
                 raise LauncherError(f"the launcher is gone: {e}") from e
 
-    async def run(self, spec: RunSpec, stdin: bytes, stdout_w: int, stderr_w: int) -> RunHandle:
-        """Hand a run to the launcher. The caller keeps ownership of stdout_w/stderr_w and closes them once
-        this returns (the launcher has its own copies by then)."""
+    async def session(self, spec: RunSpec) -> SessionHandle:
+        """Start a session's sandbox; await `handle.started` before calling into it."""
+        if not self.alive:
+            raise LauncherError("the launcher is not running")
+        handle = SessionHandle(self, spec.run_id)
+        self.runs[spec.run_id] = handle
+        spec_fd = _sealed_memfd("sandboxd-spec", spec.to_json())
+        try:
+            await self.send({"op": "session", "run_id": spec.run_id}, [spec_fd])
+        except LauncherError:
+            del self.runs[spec.run_id]
+            raise
+        finally:
+            os.close(spec_fd)
+        return handle
+
+    async def run(self, spec: RunSpec, stdin: bytes, stdout_w: int, stderr_w: int, collect_w: int = -1) -> RunHandle:
+        """Hand a run to the launcher. The caller keeps ownership of stdout_w/stderr_w (and collect_w) and closes
+        them once this returns (the launcher has its own copies by then)."""
         if not self.alive:
             raise LauncherError("the launcher is not running")
         handle = RunHandle(self, spec.run_id)
         self.runs[spec.run_id] = handle
         spec_fd = _sealed_memfd("sandboxd-spec", spec.to_json())
         stdin_fd = _sealed_memfd("sandboxd-stdin", stdin)
+        fds = [spec_fd, stdin_fd, stdout_w, stderr_w] + ([collect_w] if collect_w >= 0 else [])
         try:
-            await self.send({"op": "start", "run_id": spec.run_id}, [spec_fd, stdin_fd, stdout_w, stderr_w])
+            await self.send({"op": "start", "run_id": spec.run_id}, fds)
         except LauncherError:
             del self.runs[spec.run_id]
             raise
@@ -183,18 +265,36 @@ class Launcher:
     def _on_readable(self) -> None:
         while self.sock is not None:
             try:
-                data = self.sock.recv(65536)
+                data, anc, _flags, _addr = self.sock.recvmsg(1 << 20, socket.CMSG_SPACE(8 * 4))
             except BlockingIOError:
                 return
             except OSError:
-                data = b""
+                data, anc = b"", []
+            fds = []
+            for level, kind, payload in anc:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    a = array.array("i")
+                    a.frombytes(payload[: len(payload) - len(payload) % a.itemsize])
+                    fds.extend(a)
             if not data:
+                for fd in fds:
+                    os.close(fd)
                 self._closed()
                 return
-            self._dispatch(json.loads(data))
+            self._dispatch(json.loads(data), fds)
 
-    def _dispatch(self, msg: dict) -> None:
+    def _dispatch(self, msg: dict, fds: list[int] = ()) -> None:
         ev = msg.get("ev")
+        if ev == "call":
+            handle = self.runs.get(msg.get("run_id", ""))
+            if isinstance(handle, SessionHandle):
+                handle.on_call(msg.get("msg") or {}, list(fds))
+            else:
+                for fd in fds:
+                    os.close(fd)
+            return
+        for fd in fds:
+            os.close(fd)
         if ev in ("ready", "failed"):
             if self._ready is not None and not self._ready.done():
                 self._ready.set_result(msg)

@@ -125,6 +125,12 @@ def _dev(spec: RunSpec, root: str) -> None:
     for name, to in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
                      ("stderr", "/proc/self/fd/2")):
         os.symlink(to, os.path.join(dev, name))
+    if spec.session:
+        # Sessions may run commands on a terminal: a private devpts instance, so a run's terminals are its own.
+        pts = os.path.join(dev, "pts")
+        os.mkdir(pts, 0o755)
+        _libc.mount("devpts", pts, "devpts", MS_NOSUID | MS_NOEXEC, "newinstance,ptmxmode=0666,mode=0620")
+        os.symlink("pts/ptmx", os.path.join(dev, "ptmx"))
     # POSIX semaphores and shared memory (multiprocessing) live in /dev/shm; it shares /tmp's limits.
     shm = os.path.join(dev, "shm")
     os.mkdir(shm, 0o1777)
@@ -151,6 +157,16 @@ def _proc(root: str) -> None:
             _libc.mount("tmpfs", path, "tmpfs", RO | MS_NOEXEC, "size=0,nr_inodes=1,mode=555")
         elif os.path.isfile(path):
             _libc.mount("/dev/null", path, None, MS_BIND)
+
+
+def _support(spec: RunSpec, root: str) -> None:
+    """sandboxd's own files for the sandbox (the kernel script): root-owned, on the root that becomes read-only."""
+    if not spec.support_files:
+        return
+    base = os.path.join(root, ".sandboxd")
+    os.mkdir(base, 0o755)
+    for f in spec.support_files:
+        _write(os.path.join(base, os.path.basename(f.path)), f.data, 0o444)
 
 
 def _workdir(spec: RunSpec, root: str) -> None:
@@ -183,6 +199,7 @@ def apply(spec: RunSpec, staging: str) -> None:
     _etc(spec, staging)
     _dev(spec, staging)
     _proc(staging)
+    _support(spec, staging)
     _workdir(spec, staging)
     os.chdir(staging)
     # pivot_root(".", ".") stacks the old root under the new one; detaching it leaves no path to the host.

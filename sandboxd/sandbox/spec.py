@@ -81,6 +81,15 @@ class RunSpec:
     user: str = "sandbox"
     network: str = "none"
     stop_on_output_limit: bool = True
+    # Sessions: init stays up as a command server (init.py) for `lifetime` seconds at most, instead of running
+    # argv once. support_files are written read-only under /.sandboxd (the kernel script), before any payload.
+    session: bool = False
+    lifetime: float = 0.0
+    support_files: tuple[File, ...] = ()
+    # One-shot runs: files of /work matching these globs are collected after the payload exits (collect_max
+    # bytes in all) and streamed to the daemon before the sandbox is torn down.
+    collect: tuple[str, ...] = ()
+    collect_max: int = 0
 
     def to_json(self) -> bytes:
         return json.dumps(_encode(dataclasses.asdict(self))).encode()
@@ -96,7 +105,10 @@ class RunSpec:
             seccomp=SeccompProgram(**d["seccomp"]),
             limits=Limits(**d["limits"]),
             files=tuple(File(**f) for f in d["files"]),
-            **{k: d[k] for k in ("workdir", "hostname", "uid", "gid", "user", "network", "stop_on_output_limit")},
+            support_files=tuple(File(**f) for f in d.get("support_files", ())),
+            collect=tuple(d.get("collect", ())),
+            **{k: d[k] for k in ("workdir", "hostname", "uid", "gid", "user", "network", "stop_on_output_limit",
+                                 "session", "lifetime", "collect_max") if k in d},
         )
 
     def summary(self) -> dict:
@@ -104,9 +116,11 @@ class RunSpec:
         arguments can carry secrets), which are hashed so a record can still prove what ran."""
         d = dataclasses.asdict(self)
         d["files"] = [{"path": f.path, "size": len(f.data), "sha256": _sha(f.data)} for f in self.files]
+        d["support_files"] = [{"path": f.path, "size": len(f.data), "sha256": _sha(f.data)}
+                              for f in self.support_files]
         d["seccomp"] = {"name": self.seccomp.name, "sha256": self.seccomp.sha256}
         d["env"] = {k: "sha256:" + _sha(v.encode()) for k, v in self.env}
-        d["argv"] = [self.argv[0]] + ["sha256:" + _sha(a.encode()) for a in self.argv[1:]]
+        d["argv"] = [self.argv[0]] + ["sha256:" + _sha(a.encode()) for a in self.argv[1:]] if self.argv else []
         return d
 
 
