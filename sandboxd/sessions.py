@@ -458,13 +458,27 @@ class SessionManager:
                        message=f"output passed the cap of {streams['stdout'].cap} bytes per stream", **common)
         if first == "cancelled":
             return cls(call_id, Outcome.CANCELLED, signal=sig, message="the call was cancelled", **common)
+        cpu_limit = session.spec.limits.cpu_time
+        if sig == signal.SIGXCPU or (sig == signal.SIGKILL and fin.get("cpu_ns", 0) >= cpu_limit * 1e9):
+            return cls(call_id, Outcome.TIMEOUT, signal=sig, message=f"CPU-time limit of {cpu_limit:g}s reached",
+                       **common)
         if sig == signal.SIGKILL and fin.get("oom_kills", 0) > oom_before:
             return cls(call_id, Outcome.MEMORY_LIMIT, signal=sig,
                        message=f"memory limit of {session.spec.limits.memory} bytes reached (OOM kill)", **common)
         if sig:
             name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else str(sig)
-            return cls(call_id, Outcome.SIGNALED, signal=sig, message=f"killed by {name}", **common)
-        return cls(call_id, Outcome.EXITED, exit_code=code, **common)
+            msg = f"killed by {name}"
+            if sig == signal.SIGSYS:
+                msg += " (a system call the seccomp profile forbids"
+                kill = fin.get("seccomp_kill")
+                if isinstance(kill, dict) and "arch" in kill and "nr" in kill:
+                    from .sandbox.seccomp import describe_kill
+                    msg += f": {describe_kill(str(kill['arch']), int(kill['nr']))}"
+                msg += ")"
+            return cls(call_id, Outcome.SIGNALED, signal=sig, message=msg, **common)
+        killed = fin.get("oom_kills", 0) - oom_before
+        return cls(call_id, Outcome.EXITED, exit_code=code,
+                   message=f"{killed} process(es) of the session were OOM-killed" if killed > 0 else "", **common)
 
     # -- RunCode ---------------------------------------------------------------------------------------------
     def context(self, session: Session, name: str) -> Context:

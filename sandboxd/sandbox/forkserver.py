@@ -255,6 +255,9 @@ class ForkServer:
                 msg = json.loads(data)
             except ValueError:
                 return
+            if msg.get("ev") == "call_exit" and msg.get("signal") == signal.SIGSYS and self.kmsg is not None:
+                self.kmsg.drain()
+                msg["seccomp_kill"] = self.kmsg.seccomp_kills.pop(run.spec.uid, None)
             if msg.get("ev") in ("call_started", "call_exit"):
                 # The daemon tells an OOM kill of a call from the cgroup's counter before and after it.
                 try:

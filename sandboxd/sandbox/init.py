@@ -36,6 +36,8 @@ from . import _libc, creds, files, landlock, rlimits, seccomp
 from .spec import RunSpec
 
 MAX_FDS = 8
+TIOCSPTLCK = 0x40045431
+TIOCGPTPEER = 0x5441
 PAYLOAD_OOM_SCORE = "1000"
 
 
@@ -137,8 +139,9 @@ def _handle(spec, ctl, msg: dict, fds: list[int], calls: dict, pids: dict, cap_l
         return
     master = -1
     if op == "exec" and msg.get("tty"):
-        master, slave = os.openpty()
-        os.set_inheritable(master, False)
+        master = os.open("/.sandboxd/pts/ptmx", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+        fcntl.ioctl(master, TIOCSPTLCK, struct.pack("i", 0))
+        slave = fcntl.ioctl(master, TIOCGPTPEER, os.O_RDWR | os.O_NOCTTY)  # the peer, without a path lookup
         _winsize(master, msg.get("rows") or 24, msg.get("cols") or 80)
         os.fchown(slave, spec.uid, spec.gid)
         stdio = {0: slave, 1: slave, 2: slave}

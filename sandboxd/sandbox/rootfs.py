@@ -125,12 +125,6 @@ def _dev(spec: RunSpec, root: str) -> None:
     for name, to in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
                      ("stderr", "/proc/self/fd/2")):
         os.symlink(to, os.path.join(dev, name))
-    if spec.session:
-        # Sessions may run commands on a terminal: a private devpts instance, so a run's terminals are its own.
-        pts = os.path.join(dev, "pts")
-        os.mkdir(pts, 0o755)
-        _libc.mount("devpts", pts, "devpts", MS_NOSUID | MS_NOEXEC, "newinstance,ptmxmode=0666,mode=0620")
-        os.symlink("pts/ptmx", os.path.join(dev, "ptmx"))
     # POSIX semaphores and shared memory (multiprocessing) live in /dev/shm; it shares /tmp's limits.
     shm = os.path.join(dev, "shm")
     os.mkdir(shm, 0o1777)
@@ -160,11 +154,16 @@ def _proc(root: str) -> None:
 
 
 def _support(spec: RunSpec, root: str) -> None:
-    """sandboxd's own files for the sandbox (the kernel script): root-owned, on the root that becomes read-only."""
-    if not spec.support_files:
+    """sandboxd's own files for a session (the kernel script): root-owned, on the root that becomes read-only;
+    and the session's terminals: a private devpts instance whose ptmx only init (root) can open
+    (ptmxmode=000), so a call gets a terminal only when asked for one, and /dev stays as in a one-shot run."""
+    if not spec.session:
         return
     base = os.path.join(root, ".sandboxd")
     os.mkdir(base, 0o755)
+    pts = os.path.join(base, "pts")
+    os.mkdir(pts, 0o755)
+    _libc.mount("devpts", pts, "devpts", MS_NOSUID | MS_NOEXEC, "newinstance,ptmxmode=000,mode=0620,max=64")
     for f in spec.support_files:
         _write(os.path.join(base, os.path.basename(f.path)), f.data, 0o444)
 

@@ -25,10 +25,13 @@ import subprocess
 import sys
 import textwrap
 
+import grpc
 import psutil
 import pytest
 
 from sandboxd import store as store_mod
+from sandboxd.client import OUTCOMES, Client, Output, Result, SandboxdError, Started
+from sandboxd.v1 import sandbox_pb2 as pb
 
 # This file shadows tests/conftest.py as the importable module `conftest` once pytest has loaded it, so the
 # names other test modules import from there stay available here too.
@@ -101,6 +104,90 @@ def addr(buf):
 
 out = {}
 '''
+
+
+class SessionClient:
+    """The battery's client with every run made a command in a fresh session (create, put the script, Exec the
+    runner's command line, close), so each THREATS.md case also holds for a session's processes. A run's
+    run_id is the call id, whose record is the session.call row."""
+
+    def __init__(self, target: str, **kw):
+        self.client = Client(target, **kw)
+        self.target, self.stub, self.md = target, self.client.stub, self.client.metadata
+        self._runners = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self):
+        self.client.close()
+
+    def runners(self, **kw):
+        return self.client.runners(**kw)
+
+    def execute(self, code: str, runner: str = "python", *, args=(), stdin: bytes = b"", env=None, files=None,
+                wall_time: float = 0, cpu_time: float = 0, memory: int = 0, pids: int = 0, output: int = 0,
+                timeout=None):
+        if self._runners is None:
+            self._runners = {r.name: r for r in self.client.runners()}
+        info = self._runners.get(runner)   # an unknown runner: the daemon refuses the session
+        name = f"main.{info.extensions[0]}" if info and info.extensions else "main"
+        argv = [f"/work/{name}" if part == "{script}" else part for part in (info.command if info else ["x"])]
+        argv += list(args)
+        try:
+            s = self.stub.CreateSession(pb.CreateSessionRequest(
+                runner=runner, files={name: code.encode(), **dict(files or {})}, env=dict(env or {}),
+                limits=pb.Limits(wall_time_seconds=wall_time, cpu_time_seconds=cpu_time, memory_bytes=memory,
+                                 pids=pids, output_bytes=output)), metadata=self.md, timeout=60)
+        except grpc.RpcError as e:
+            raise SandboxdError(e.code().name, e.details() or "") from None
+        start = pb.ExecStart(session_id=s.session_id, argv=argv, stdin=stdin, close_stdin=True,
+                             timeout_seconds=wall_time, output_bytes=output)
+        call = self.stub.Exec(iter([pb.ExecRequest(start=start)]), metadata=self.md, timeout=timeout)
+        try:
+            for event in call:
+                kind = event.WhichOneof("event")
+                if kind == "started":
+                    yield Started(event.started.run_id)
+                elif kind in ("stdout", "stderr"):
+                    yield Output(kind, getattr(event, kind).data)
+                else:
+                    r = event.result
+                    yield Result(run_id=r.run_id, outcome=OUTCOMES.get(r.outcome, "unspecified"),
+                                 exit_code=r.exit_code, signal=r.signal, cpu_time=r.cpu_time_seconds,
+                                 wall_time=r.wall_time_seconds, peak_memory=r.peak_memory_bytes,
+                                 stdout_bytes=r.stdout_bytes, stderr_bytes=r.stderr_bytes,
+                                 stdout_truncated=r.stdout_truncated, stderr_truncated=r.stderr_truncated,
+                                 message=r.message)
+        except grpc.RpcError as e:
+            raise SandboxdError(e.code().name, e.details() or "") from None
+        finally:
+            call.cancel()
+            with contextlib.suppress(grpc.RpcError):
+                self.stub.CloseSession(pb.CloseSessionRequest(session_id=s.session_id), metadata=self.md, timeout=60)
+
+    def run(self, code: str, runner: str = "python", **kw) -> Result:
+        out = {"stdout": [], "stderr": []}
+        result = None
+        for event in self.execute(code, runner, **kw):
+            if isinstance(event, Output):
+                out[event.stream].append(event.data)
+            elif isinstance(event, Result):
+                result = event
+        assert result is not None
+        return Result(**{**result.__dict__, "stdout": b"".join(out["stdout"]), "stderr": b"".join(out["stderr"])})
+
+
+@pytest.fixture(params=["oneshot", "session"])
+def sandbox(request, daemon):
+    """The battery runs twice: each script as a one-shot run, and as a command in a session."""
+    with (Client if request.param == "oneshot" else SessionClient)(daemon.target) as c:
+        yield c
+    left = daemon.wait_no_leftovers()
+    assert not left, f"runs left processes or cgroups behind: {left}"
 
 
 def script(code: str) -> str:
