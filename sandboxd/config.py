@@ -3,7 +3,7 @@
 Runs in the daemon only (the launcher never reads configuration: everything it needs is in the RunSpec).
 Every error names the file, the key and what was expected; unknown keys are errors, so a typo never silently
 turns a limit off. `load()` with no file gives the built-in default: a unix socket only, the runners in
-runners/, the images in images/.
+runners/, the images in images/ (of the source tree, else /usr/share/sandboxd/, else the package's data/).
 """
 from __future__ import annotations
 
@@ -38,6 +38,7 @@ DEFAULT_MAX = Limits(wall_time=300.0, cpu_time=300.0, memory=4 << 30, pids=1024,
 
 
 def _first_existing(*paths: pathlib.Path) -> str:
+    """The source tree (editable install), then a system-wide copy, then the copy inside the package (a wheel)."""
     for p in paths:
         if p.is_dir():
             return str(p)
@@ -149,9 +150,11 @@ class SandboxConfig:
     cgroup_parent_name: str = "sandboxd"
     cgroup_parent_path: str = ""        # a delegated cgroup to use instead of "<own cgroup>/<parent name>"
     runners_dir: str = field(default_factory=lambda: _first_existing(SOURCE_ROOT / "runners",
-                                                                       pathlib.Path("/usr/share/sandboxd/runners")))
+                                                                       pathlib.Path("/usr/share/sandboxd/runners"),
+                                                                       PACKAGE_DIR / "data" / "runners"))
     images_dir: str = field(default_factory=lambda: _first_existing(SOURCE_ROOT / "images",
-                                                                      pathlib.Path("/usr/share/sandboxd/images")))
+                                                                      pathlib.Path("/usr/share/sandboxd/images"),
+                                                                      PACKAGE_DIR / "data" / "images"))
     seccomp_dir: str = str(PACKAGE_DIR / "seccomp")
     stop_on_output_limit: bool = True
 
