@@ -70,7 +70,8 @@ class Policy:
     """Who may use which runners, with which ceilings. The first policy matching a principal applies."""
 
     name: str
-    principals: tuple[str, ...]          # principal names, "group:G", "unix-uid:N", "unix-user:U", "unix-group:G", "*"
+    principals: tuple[str, ...]          # principal ids, "group:G", "unix-uid:N", "unix-gid:N", "unix-user:U",
+                                         # "unix-group:G", "token:NAME", "*"
     runners: tuple[str, ...] = ("*",)
     network: bool = False
     max_concurrent: int = 0              # per principal; 0: only the daemon-wide limit
@@ -459,6 +460,11 @@ def _identity(path: str, top: _Reader, max_limits: Limits) -> Identity:
         r.done()
         if not policy.principals:
             raise ConfigError(f"{path}: policies[{i}].principals: expected at least one principal, group or \"*\"")
+        for j, who in enumerate(policy.principals):
+            if who.startswith("x509:"):  # no principal carries this tag: the policy would silently match no one
+                raise ConfigError(f"{path}: policies[{i}].principals[{j}]: {who!r} matches no caller; name a "
+                                  f"certificate by its principal id (its URI SAN, or \"x509-cn:<CN>\") or map it "
+                                  f"to a name with [[principals]] cert_ids")
         if policy.network:
             raise ConfigError(f"{path}: policies[{i}].network: network access for runs is not implemented; "
                               f"every run has only its own loopback (set false or remove)")
