@@ -3,7 +3,7 @@
 Runs in the daemon only (the launcher never reads configuration: everything it needs is in the RunSpec).
 Every error names the file, the key and what was expected; unknown keys are errors, so a typo never silently
 turns a limit off. `load()` with no file gives the built-in default: a unix socket only, the runners in
-runners/, the images in images/.
+runners/, the images in images/ (of the source tree, else /usr/share/sandboxd/, else the package's data/).
 """
 from __future__ import annotations
 
@@ -38,6 +38,7 @@ DEFAULT_MAX = Limits(wall_time=300.0, cpu_time=300.0, memory=4 << 30, pids=1024,
 
 
 def _first_existing(*paths: pathlib.Path) -> str:
+    """The source tree (editable install), then a system-wide copy, then the copy inside the package (a wheel)."""
     for p in paths:
         if p.is_dir():
             return str(p)
@@ -69,7 +70,8 @@ class Policy:
     """Who may use which runners, with which ceilings. The first policy matching a principal applies."""
 
     name: str
-    principals: tuple[str, ...]          # principal names, "group:G", "unix-uid:N", "unix-user:U", "unix-group:G", "*"
+    principals: tuple[str, ...]          # principal ids, "group:G", "unix-uid:N", "unix-gid:N", "unix-user:U",
+                                         # "unix-group:G", "token:NAME", "*"
     runners: tuple[str, ...] = ("*",)
     network: bool = False
     max_concurrent: int = 0              # per principal; 0: only the daemon-wide limit
@@ -149,9 +151,11 @@ class SandboxConfig:
     cgroup_parent_name: str = "sandboxd"
     cgroup_parent_path: str = ""        # a delegated cgroup to use instead of "<own cgroup>/<parent name>"
     runners_dir: str = field(default_factory=lambda: _first_existing(SOURCE_ROOT / "runners",
-                                                                       pathlib.Path("/usr/share/sandboxd/runners")))
+                                                                       pathlib.Path("/usr/share/sandboxd/runners"),
+                                                                       PACKAGE_DIR / "data" / "runners"))
     images_dir: str = field(default_factory=lambda: _first_existing(SOURCE_ROOT / "images",
-                                                                      pathlib.Path("/usr/share/sandboxd/images")))
+                                                                      pathlib.Path("/usr/share/sandboxd/images"),
+                                                                      PACKAGE_DIR / "data" / "images"))
     seccomp_dir: str = str(PACKAGE_DIR / "seccomp")
     stop_on_output_limit: bool = True
 
@@ -456,6 +460,11 @@ def _identity(path: str, top: _Reader, max_limits: Limits) -> Identity:
         r.done()
         if not policy.principals:
             raise ConfigError(f"{path}: policies[{i}].principals: expected at least one principal, group or \"*\"")
+        for j, who in enumerate(policy.principals):
+            if who.startswith("x509:"):  # no principal carries this tag: the policy would silently match no one
+                raise ConfigError(f"{path}: policies[{i}].principals[{j}]: {who!r} matches no caller; name a "
+                                  f"certificate by its principal id (its URI SAN, or \"x509-cn:<CN>\") or map it "
+                                  f"to a name with [[principals]] cert_ids")
         if policy.network:
             raise ConfigError(f"{path}: policies[{i}].network: network access for runs is not implemented; "
                               f"every run has only its own loopback (set false or remove)")

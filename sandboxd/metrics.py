@@ -29,6 +29,8 @@ class Metrics:
                                       buckets=BUCKETS_FAST, registry=r)
         self.active = Gauge("sandboxd_runs_active", "Runs holding a slot now.", registry=r)
         self.queue_depth = Gauge("sandboxd_queue_depth", "Runs waiting for a slot now.", registry=r)
+        self.uids_quarantined = Gauge("sandboxd_uids_quarantined", "Sandbox uids held out of use until restart "
+                                      "because their run's cgroup could not be removed.", registry=r)
         self.rejected_total = Counter("sandboxd_rejected", "Requests refused before running.", ["reason"],
                                       registry=r)
         self.output_bytes = Counter("sandboxd_output_bytes", "Bytes written by scripts.", ["stream"], registry=r)

@@ -82,6 +82,7 @@ class Daemon:
                                    max_queue_per_principal=cfg.admission.max_queue_per_principal)
         self.metrics.active.set_function(lambda: self.admission.running)
         self.metrics.queue_depth.set_function(lambda: self.admission.queued)
+        self.metrics.uids_quarantined.set_function(lambda: len(self.uids.quarantined))
         self.sessions = SessionManager(self)
         self._db = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sandboxd-store")
         self.store: Store | None = None

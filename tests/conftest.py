@@ -48,6 +48,9 @@ def procs_with_uids(lo: int, hi: int) -> list[psutil.Process]:
 class Daemon:
     """A sandboxd process started by the tests."""
 
+    command = (sys.executable, "-m", "sandboxd.cli.daemon")  # another install's `sandboxd` may replace it
+    cwd = str(ROOT)
+
     def __init__(self, workdir: pathlib.Path, config_extra: str = "", runners_dir: str | None = None,
                  env: dict | None = None):
         self._place(workdir)
@@ -88,9 +91,9 @@ class Daemon:
         self.log_path = self.workdir / f"sandboxd-{self.n}.log"
         self._log = open(self.log_path, "wb")
         self.expected_exit = 0
-        self.proc = subprocess.Popen([sys.executable, "-m", "sandboxd.cli.daemon", "serve", "--config",
-                                      str(self.config_path)], stdout=self._log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, **(env or {})}, cwd=str(ROOT))
+        self.proc = subprocess.Popen([*self.command, "serve", "--config", str(self.config_path)],
+                                     stdout=self._log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, **(env or {})}, cwd=self.cwd)
         self.wait_ready()
 
     def wait_ready(self, timeout: float = 60.0) -> None:

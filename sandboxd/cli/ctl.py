@@ -1,20 +1,29 @@
 """`sandboxctl`: run a script in sandboxd from a shell, list runners.
 
-Exit status of `run`: the script's own exit code; 128+N when it was killed by signal N; 124 on timeout;
-125 when sandboxd refused or failed the run (with a one-line reason on stderr).
+Exit status of `run`: see EXIT_STATUS below (also in `sandboxctl --help` and the README).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 
 from .. import __version__
+from . import quiet_on_broken_pipe, table
 from ..client import Client, Output, Result, SandboxdError
 from ..units import format_size, parse_size
 
 EXIT_TIMEOUT = 124
 EXIT_REFUSED = 125
+# One status per limit, whatever the script did when it was stopped (a memory_limit run may end by SIGKILL or
+# exit after a MemoryError; an output_limit run is stopped by sandboxd, with no signal of its own).
+EXIT_MEMORY_LIMIT = 128 + signal.SIGKILL    # what the OOM killer sends
+EXIT_OUTPUT_LIMIT = 128 + signal.SIGXFSZ    # the signal for writing past a size limit
+EXIT_STATUS = f"""exit status of run: the script's own exit code; 128+N when it was killed by signal N;
+  {EXIT_TIMEOUT} timeout; {EXIT_REFUSED} refused or failed by sandboxd (one line on stderr says why);
+  {EXIT_MEMORY_LIMIT} memory_limit (128+SIGKILL); {EXIT_OUTPUT_LIMIT} output_limit (128+SIGXFSZ).
+  Any command: 141 (128+SIGPIPE) when its output pipe closes early (e.g. `| head`)."""
 
 
 def _client(args) -> Client:
@@ -44,7 +53,11 @@ def exit_status(result: Result) -> int:
         return result.exit_code
     if result.outcome == "timeout":
         return EXIT_TIMEOUT
-    if result.outcome in ("signaled", "memory_limit", "output_limit") and result.signal:
+    if result.outcome == "memory_limit":
+        return EXIT_MEMORY_LIMIT
+    if result.outcome == "output_limit":
+        return EXIT_OUTPUT_LIMIT
+    if result.outcome == "signaled" and result.signal:
         return 128 + result.signal
     return EXIT_REFUSED
 
@@ -126,12 +139,29 @@ def cmd_runs_list(args) -> int:
     if args.json:
         print(json.dumps({"runs": [_record_view(r) for r in runs], "next_page_token": token}))
         return 0
-    print(f"{'RUN ID':<30}{'RECEIVED':<29}{'PRINCIPAL':<16}{'AGENT':<16}{'RUNNER':<10}OUTCOME")
-    for r in runs:
-        agent = (r.get("agent") or {}).get("name") or "-"
-        print(f"{r.get('run_id', ''):<30}{str(r.get('received_at', '')):<29}{str(r.get('principal') or '-'):<16}"
-              f"{agent:<16}{str(r.get('runner') or '-'):<10}{r.get('outcome') or 'running'}")
+    rows = [(str(r.get("run_id", "")), str(r.get("received_at") or "-"), str(r.get("principal") or "-"),
+             str((r.get("agent") or {}).get("name") or "-"), str(r.get("runner") or "-"),
+             str(r.get("outcome") or "running")) for r in runs]
+    print(table(("RUN ID", "RECEIVED", "PRINCIPAL", "AGENT", "RUNNER", "OUTCOME"), rows))
     return 0
+
+
+def _text(value) -> str:
+    """One spelling for every value of the text view: JSON's (null, true), strings bare."""
+    return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+
+
+def _show_lines(view: dict, prefix: str = "") -> list[tuple[str, str]]:
+    """Nested objects (agent, peer, limits...) become dotted keys, one value per line."""
+    lines = []
+    for key, value in view.items():
+        if not prefix and (key in ("code", "spec", "agent_name", "agent_version") or key.endswith("_b64")):
+            continue  # payloads, and the agent fields already shown as agent.name and agent.version
+        if isinstance(value, dict) and value:
+            lines += _show_lines(value, f"{prefix}{key}.")
+        else:
+            lines.append((f"{prefix}{key}", _text(value)))
+    return lines
 
 
 def cmd_runs_show(args) -> int:
@@ -145,10 +175,10 @@ def cmd_runs_show(args) -> int:
     if args.json:
         print(json.dumps(view))
         return 0
-    for key, value in view.items():
-        if key in ("code", "spec") or key.endswith("_b64"):
-            continue
-        print(f"{key:<20} {json.dumps(value) if isinstance(value, (dict, list)) else value}")
+    lines = _show_lines(view)
+    width = max(len(k) for k, _ in lines)
+    for key, value in lines:
+        print(f"{key:<{width}}  {value}")
     return 0
 
 
@@ -173,9 +203,11 @@ def cmd_runners(args) -> int:
     return 0
 
 
+@quiet_on_broken_pipe
 def main(argv: list[str] | None = None) -> int:
     # allow_abbrev off: "runs list --agent" must not be read as an abbreviation of --agent-name.
-    p = argparse.ArgumentParser(prog="sandboxctl", description="Run scripts in sandboxd.", allow_abbrev=False)
+    p = argparse.ArgumentParser(prog="sandboxctl", description="Run scripts in sandboxd.", allow_abbrev=False,
+                                epilog=EXIT_STATUS, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"sandboxctl {__version__}")
     p.add_argument("--target", help="unix:///path.sock or host:port (default: $SANDBOXD_TARGET or "
                                     "unix:///run/sandboxd/sandboxd.sock)")
@@ -187,13 +219,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--agent-name", help="agent name claim recorded with runs (default: $SANDBOXD_AGENT_NAME)")
     p.add_argument("--agent-version", help="agent version claim (default: $SANDBOXD_AGENT_VERSION)")
     sub = p.add_subparsers(dest="cmd", required=True)
-    r = sub.add_parser("run", help="run a script (FILE, or - for stdin) and stream its output")
+    r = sub.add_parser("run", help="run a script (FILE, or - for stdin) and stream its output", epilog=EXIT_STATUS,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     r.add_argument("--runner", help="runner name (default: from the file extension, else python)")
     r.add_argument("--timeout", type=float, metavar="SECONDS", help="wall-clock limit (can only lower the default)")
     r.add_argument("--memory", metavar="SIZE", help="memory limit, e.g. 128MiB (can only lower the default)")
     r.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
-    r.add_argument("file", metavar="FILE|-")
-    r.add_argument("args", nargs="*", help="arguments passed to the script (after --)")
+    r.add_argument("file", metavar="FILE|-", help="the script, or - to read it from stdin")
+    # A default makes argparse treat the optional args as optional in its "required" message, too.
+    r.add_argument("args", nargs="*", default=[], help="arguments passed to the script (after --)")
     r.set_defaults(fn=cmd_run)
     runs = sub.add_parser("runs", help="read run records").add_subparsers(dest="runs_cmd", required=True)
     rl = runs.add_parser("list", help="runs, newest first (admins see every principal's)")

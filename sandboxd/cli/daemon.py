@@ -20,6 +20,7 @@ import grpc
 
 from .. import __version__, config as config_mod, logs
 from ..errors import ConfigError
+from . import quiet_on_broken_pipe
 
 log = logging.getLogger("sandboxd")
 
@@ -176,6 +177,8 @@ async def serve(cfg: config_mod.Config, config_path: str | None = None, override
     for path in sockets:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
+    with contextlib.suppress(OSError):  # only if empty: never remove what we did not put there
+        os.rmdir(private)
     log.info("sandboxd stopped")
     return code
 
@@ -264,8 +267,16 @@ def cmd_check_config(args) -> int:
                             for name, r in catalog.runners.items()}
     effective["seccomp_profiles"] = {n: p.sha256 for n, p in catalog.seccomp.items()}
     effective["config_sha256"] = catalog.config_sha256
-    print(json.dumps(effective, indent=2, default=str))
+    print(json.dumps(_octal_modes(effective), indent=2, default=str))
     return 0
+
+
+def _octal_modes(value):
+    """File modes (keys ending in _mode) as written in the file, "0660", not as the integer 432."""
+    if isinstance(value, dict):
+        return {k: f"{v:04o}" if k.endswith("_mode") and isinstance(v, int) else _octal_modes(v)
+                for k, v in value.items()}
+    return value
 
 
 def cmd_token_new(args) -> int:
@@ -319,13 +330,16 @@ def cmd_audit_export(args) -> int:
     return 0
 
 
+@quiet_on_broken_pipe
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="sandboxd", description="Run untrusted scripts in fresh Linux sandboxes.")
     p.add_argument("--version", action="version", version=f"sandboxd {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("serve", help="run the daemon in the foreground")
     s.add_argument("--config", help="TOML configuration file (default: the built-in configuration)")
-    s.add_argument("--listen", action="append", metavar="ADDR", help="unix:///path.sock (repeatable)")
+    s.add_argument("--listen", action="append", metavar="ADDR",
+                   help="unix:///path.sock, or HOST:PORT with [server.tls] (or server.insecure_tcp); repeatable, "
+                        "replaces server.listen")
     s.add_argument("--state-dir", help="where the run store lives (default /var/lib/sandboxd)")
     s.add_argument("--runtime-dir", help="sockets and scratch mount points (default /run/sandboxd)")
     s.add_argument("--metrics-listen", metavar="HOST:PORT", help="Prometheus endpoint (default 127.0.0.1:9464)")

@@ -203,6 +203,8 @@ class Launcher:
             log.error("launcher did not exit in %ss; killing it", timeout)
             self.proc.kill()
             await asyncio.to_thread(self.proc.wait)
+        with contextlib.suppress(OSError):  # only if empty (a root still mounted there stays, and is visible)
+            os.rmdir(self.staging)
         self._closed()
 
     async def ping(self, timeout: float = 2.0) -> dict:

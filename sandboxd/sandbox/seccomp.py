@@ -389,7 +389,11 @@ def compile_profile(path: str | os.PathLike) -> SeccompProgram:
     """Load and compile one profile into the program the child loads. Raises ProfileError."""
     profile = load_profile(path)
     for warning in profile.warnings:
-        log.info("%s", warning)  # expected with an older libseccomp; the syscall stays denied
+        log.debug("%s", warning)
+    if profile.unknown_syscalls:  # expected with an older libseccomp: one line, not one per syscall
+        log.info("seccomp profile %s: %d syscalls unknown to libseccomp %s get the default action: %s",
+                 profile.name, len(profile.unknown_syscalls), _libseccomp_version(),
+                 ", ".join(profile.unknown_syscalls))
     return SeccompProgram(name=profile.name, sha256=profile.sha256, bpf=compile_bpf(profile))
 
 

@@ -37,13 +37,13 @@ HEX64 = re.compile(r"[0-9a-f]{64}")
 TRIAGE = "spiffe://example.org/agent/triage"
 BUILDER = "spiffe://example.org/agent/builder"
 
-# Runs as uid/gid 65534 with no groups (setpriv drops them before Python starts, so before grpc is imported):
+# Runs as uid/gid 65534 (or another unprivileged uid) with no groups (setpriv drops them before Python starts, so before grpc is imported):
 # performs the ops in argv[1] with sandboxd.client and prints one JSON result per op.
 NOBODY_CLIENT = r"""
 import json, os, sys
 from sandboxd.client import Client, SandboxdError
 spec = json.loads(sys.argv[1])
-assert os.getuid() == os.geteuid() == 65534 and os.getgroups() == []
+assert os.getuid() == os.geteuid() == spec["uid"] and os.getgroups() == []
 out = []
 with Client(spec["target"], metadata=[tuple(m) for m in spec.get("metadata", [])]) as c:
     for op in spec["ops"]:
@@ -187,10 +187,10 @@ def cli_token(principal: str) -> tuple[str, str]:
     return token, lines
 
 
-def as_nobody(target: str, ops: list[dict], metadata: list = ()) -> tuple[int, list[dict]]:
-    """(the client's pid, one result per op) of a client running as uid/gid 65534 without groups."""
-    spec = json.dumps({"target": target, "ops": ops, "metadata": list(metadata)})
-    proc = subprocess.Popen(["setpriv", "--reuid", str(NOBODY), "--regid", str(NOBODY), "--clear-groups",
+def as_nobody(target: str, ops: list[dict], metadata: list = (), uid: int = NOBODY) -> tuple[int, list[dict]]:
+    """(the client's pid, one result per op) of a client running as uid/gid 65534 (or `uid`) without groups."""
+    spec = json.dumps({"target": target, "ops": ops, "metadata": list(metadata), "uid": uid})
+    proc = subprocess.Popen(["setpriv", "--reuid", str(uid), "--regid", str(uid), "--clear-groups",
                              sys.executable, "-c", NOBODY_CLIENT, spec], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
     out, err = proc.communicate(timeout=120)
@@ -690,3 +690,41 @@ def test_denied_run_record(default_daemon):
         assert r["reason"] == "permission_denied" and r["message"] == denied["message"]
         assert r["received_at"] <= r["finished_at"] and r["started_at"] is None
         assert r["daemon_version"] == __version__
+
+
+def test_an_unmapped_uid_without_a_user_name_is_unix_and_its_number(default_daemon):
+    """Unmapped unix callers are "unix:<user>", or "unix:<uid>" when the uid has no name (docs/identity.md)."""
+    uid = next(u for u in range(64000, 65000) if not _has_passwd_entry(u))
+    _, (denied,) = as_nobody(default_daemon.target, [{"op": "run", "code": "pass"}], uid=uid)
+    assert denied["error"] == "PERMISSION_DENIED" and f"'unix:{uid}'" in denied["message"], denied
+
+
+def _has_passwd_entry(uid: int) -> bool:
+    import pwd
+    try:
+        pwd.getpwuid(uid)
+        return True
+    except KeyError:
+        return False
+
+
+def test_the_tls_example_of_the_shipped_config_passes_check_config(pki, tmp_path):
+    """etc/sandboxd.toml's commented [server.tls] block, uncommented with real files and a TCP listener."""
+    text = (ROOT / "etc" / "sandboxd.toml").read_text()
+    block = re.search(r"^# \[server\.tls\]\n(?:^# \w+ = .*\n)+", text, re.M).group()
+    files = {"/etc/sandboxd/server.pem": pki.path / "server.pem", "/etc/sandboxd/server.key": pki.path / "server.key",
+             "/etc/sandboxd/clients-ca.pem": pki.path / "ca.pem"}
+    tls = "".join(line[2:] + "\n" for line in block.splitlines())
+    for example, real in files.items():
+        assert example in tls, tls
+        tls = tls.replace(example, str(real))
+    text = text.replace(block, "").replace('listen = ["unix:///run/sandboxd/sandboxd.sock"]',
+                                           'listen = ["unix:///run/sandboxd/sandboxd.sock", "127.0.0.1:7443"]')
+    text = text.replace("\n[sandbox]\n", "\n" + tls + "\n[sandbox]\n", 1)
+    cfg = tmp_path / "sandboxd.toml"
+    cfg.write_text(text)
+    p = subprocess.run([sys.executable, "-m", "sandboxd.cli.daemon", "check-config", str(cfg)], capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    effective = json.loads(p.stdout)
+    assert effective["tls"]["client_ca"] == str(pki.path / "ca.pem") and effective["tls"]["require_client_cert"]

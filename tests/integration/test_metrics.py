@@ -391,3 +391,8 @@ def test_dashboard_queries_name_only_exposed_series(daemon):
         assert used <= names, f"{expr}: no such series: {sorted(used - names)}"
     ids = [p["id"] for p in dash["panels"]]
     assert len(ids) == len(set(ids)), "panel ids must be unique"
+
+
+def test_quarantined_uids_are_exported_from_the_start(daemon):
+    """docs/metrics.md: sandboxd_uids_quarantined counts the uids held out because a cgroup stayed behind."""
+    assert exposition_samples(scrape(metrics_address(daemon)))["sandboxd_uids_quarantined"] == 0

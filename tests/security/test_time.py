@@ -72,8 +72,8 @@ def test_rlimit_cpu_is_the_cpu_time_limit(sandbox):
 
 def test_no_real_time_scheduling_or_negative_nice(sandbox):
     """A SCHED_FIFO/RR/DEADLINE spinner would escape the CFS bandwidth limit (and could starve the host's CPU):
-    refused without CAP_SYS_NICE and with RLIMIT_RTPRIO and RLIMIT_NICE at 0. (sandboxd does not set those two
-    rlimits itself: they are inherited from the launcher, which is 0 under a default systemd unit.)"""
+    refused without CAP_SYS_NICE and with RLIMIT_RTPRIO and RLIMIT_NICE at 0 (set by sandbox/rlimits.py in every
+    run, whatever the launcher inherited)."""
     s = probe(sandbox, """
         import resource
         out['fifo'] = err(os.sched_setscheduler, 0, os.SCHED_FIFO, os.sched_param(1))

@@ -390,3 +390,10 @@ def test_default_dirs_exist_in_the_source_tree():
     root = pathlib.Path(config.__file__).resolve().parents[1]
     assert Config().sandbox.runners_dir == str(root / "runners")
     assert Config().sandbox.seccomp_dir == str(root / "sandboxd" / "seccomp")
+
+
+def test_a_policy_naming_x509_ids_is_refused_not_silently_empty():
+    """No principal carries an "x509:ID" tag (certificates are named by their principal id), so a policy written
+    that way would match no one; check-config says what to write instead."""
+    message = _error('[[policies]]\nprincipals = ["root", "x509:spiffe://example.org/a"]\n')
+    assert "policies[0].principals[1]" in message and "x509-cn:" in message and "cert_ids" in message
