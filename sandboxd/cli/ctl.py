@@ -1,7 +1,16 @@
-"""`sandboxctl`: run a script in sandboxd from a shell, list runners.
+"""`sandboxctl`: run a script in sandboxd from a shell, list runners, read run records, and work in sessions.
 
-Exit status of `run`: the script's own exit code; 128+N when it was killed by signal N; 124 on timeout;
-125 when sandboxd refused or failed the run (with a one-line reason on stderr).
+    sandboxctl run [--runner R] FILE|-                 one script in a fresh sandbox
+    sandboxctl session create --runner python          a sandbox kept for many calls; prints its id
+    sandboxctl exec SESSION -- wc -l data.csv          a command in it
+    sandboxctl code SESSION FILE|-                     a cell in its Python kernel (state kept between cells)
+    sandboxctl cp data.csv SESSION:data.csv            files in and out (cp SESSION:out/report.txt .)
+    sandboxctl session list | show SESSION | close SESSION
+
+Exit status of `run` and `exec`: the command's own exit code; 128+N when it was killed by signal N; 124 on
+timeout; 125 when sandboxd refused or failed the call (with a one-line reason on stderr). `code` exits 0 when
+the cell ran, 1 when it raised, else by the same rules; the session commands and `cp` exit 0 or 125.
+The session commands live in sandboxd.cli.sessions.
 """
 from __future__ import annotations
 
@@ -39,7 +48,8 @@ def _pick_runner(client: Client, path: str) -> str:
     return "python"
 
 
-def exit_status(result: Result) -> int:
+def exit_status(result) -> int:
+    """For a Result (run) or an ExecResult (exec)."""
     if result.outcome == "exited":
         return result.exit_code
     if result.outcome == "timeout":
@@ -175,7 +185,9 @@ def cmd_runners(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     # allow_abbrev off: "runs list --agent" must not be read as an abbreviation of --agent-name.
-    p = argparse.ArgumentParser(prog="sandboxctl", description="Run scripts in sandboxd.", allow_abbrev=False)
+    p = argparse.ArgumentParser(prog="sandboxctl", allow_abbrev=False,
+                                description="Run scripts in sandboxd: one-shot runs, run records, and sessions "
+                                            "(sandboxes kept for many calls: session, exec, code, cp).")
     p.add_argument("--version", action="version", version=f"sandboxctl {__version__}")
     p.add_argument("--target", help="unix:///path.sock or host:port (default: $SANDBOXD_TARGET or "
                                     "unix:///run/sandboxd/sandboxd.sock)")
@@ -209,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     ls = sub.add_parser("runners", help="list runners and their limits")
     ls.add_argument("--json", action="store_true")
     ls.set_defaults(fn=cmd_runners)
+    from . import sessions   # imports this module: registered here, not at import time
+    sessions.add_parsers(sub)
     args = p.parse_args(argv)
     return args.fn(args)
 
