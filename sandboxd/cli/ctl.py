@@ -223,6 +223,14 @@ def main(argv: list[str] | None = None) -> int:
     ls.set_defaults(fn=cmd_runners)
     from . import sessions   # imports this module: registered here, not at import time
     sessions.add_parsers(sub)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # argparse cannot take options between `exec SESSION` and `-- ARGV` (its positionals are matched in one go),
+    # so exec's command is split off at the first -- before parsing.
+    if "--" in argv and "exec" in argv[:argv.index("--")]:
+        args = p.parse_args(argv[:argv.index("--")])
+        if args.cmd == "exec":
+            args.argv = [*args.argv, *argv[argv.index("--") + 1:]]
+            return args.fn(args)
     args = p.parse_args(argv)
     return args.fn(args)
 
