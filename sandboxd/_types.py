@@ -232,3 +232,10 @@ class ImportResult:
     files: int
     bytes: int
     sha256: str          # of the tar as the daemon received it
+
+
+# Callers know these as sandboxd.client's (tracebacks and reprs say so; pickles resolve there too).
+for _cls in (SandboxdError, FileError, Started, Output, Result, RunnerInfo, SessionInfo, ExecResult, RichResult,
+             CodeError, CodeResult, CodeRun, FileResult, FileInfo, ImportResult):
+    _cls.__module__ = "sandboxd.client"
+del _cls
