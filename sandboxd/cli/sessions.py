@@ -66,7 +66,7 @@ def _guarded(fn):
             return _fail(f"{e.path}: {e.error}" + (f": {e.detail}" if e.detail else ""))
         except SandboxdError as e:
             return _fail(f"{e.code.lower()}: {e.message}")
-        except (Refused, OSError, ValueError) as e:
+        except (Refused, OSError, ValueError, tarfile.TarError) as e:
             return _fail(str(e))
         except KeyboardInterrupt:
             print("sandboxctl: interrupted; the call was cancelled", file=sys.stderr)
@@ -276,7 +276,9 @@ def _basename(path: str) -> str:
 
 
 def _download(session: Session, src: str, dst: str, recursive: bool) -> None:
-    if dst == "-" and not recursive:
+    if dst == "-":
+        if recursive:
+            raise Refused("cp: -r needs a directory, not -")
         session.read_to(src, sys.stdout.buffer)
         return
     target = local_target(dst, _basename(src))
