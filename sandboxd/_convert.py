@@ -12,7 +12,7 @@ from typing import BinaryIO, Callable, Iterator, Mapping, Sequence, Union
 
 import grpc
 
-from ._types import (CodeError, CodeResult, CodeRun, ExecResult, FileError, FileInfo, FileResult, ImportResult,
+from ._types import (FILE_ERROR_CODES, CodeError, CodeResult, CodeRun, ExecResult, FileError, FileInfo, FileResult, ImportResult,
                      Output, Result, RichResult, RunnerInfo, SandboxdError, SessionInfo, Started)
 from .v1 import sandbox_pb2 as pb
 
@@ -71,14 +71,22 @@ def rpc_error(e: grpc.RpcError) -> SandboxdError:
 
 
 def path_error(e: SandboxdError, path: str) -> SandboxdError:
-    """A status from a single-path file call as a FileError when it is about the path (the code is kept)."""
+    """A status from a single-path file call as a FileError when it is about the path (the code is kept).
+
+    The daemon words such a status "<error>: <detail>" with the per-path error name; one about the session
+    itself (unknown, ended) names the session and stays a plain SandboxdError."""
+    if isinstance(e, FileError):
+        return e
+    name, sep, detail = e.message.partition(": ")
+    if sep and name in FILE_ERROR_CODES:
+        return FileError(path, name, detail, code=e.code)
     error = STATUS_FILE_ERRORS.get(e.code)
-    if error is None or isinstance(e, FileError):
+    if error is None or e.message.startswith("session "):
         return e
     if e.code == "FAILED_PRECONDITION":
         text = e.message.lower()
-        error = ("not_a_directory" if "not a directory" in text or "not_a_directory" in text
-                 else "is_directory" if "is a directory" in text or "is_directory" in text else "other")
+        error = ("not_a_directory" if "not a directory" in text else
+                 "is_directory" if "is a directory" in text else "other")
     return FileError(path, error, e.message, code=e.code)
 
 

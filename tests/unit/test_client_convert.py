@@ -153,9 +153,22 @@ def test_single_path_statuses_become_file_errors(code, message, error):
     assert isinstance(e, FileError) and (e.path, e.error, e.code) == ("x", error, code)
 
 
-@pytest.mark.parametrize("code", ["UNAVAILABLE", "UNAUTHENTICATED", "RESOURCE_EXHAUSTED", "INTERNAL"])
-def test_other_statuses_stay_sandboxd_errors(code):
-    e = c.path_error(SandboxdError(code, "m"), "x")
+@pytest.mark.parametrize("code,message,error", [
+    ("NOT_FOUND", "not_found: x: no such file", "not_found"),
+    ("RESOURCE_EXHAUSTED", "too_large: x: 70 MiB is past the 64 MiB transfer limit", "too_large"),
+    ("FAILED_PRECONDITION", "is_directory: x: is a directory", "is_directory"),
+])
+def test_the_daemons_worded_file_statuses_name_their_error(code, message, error):
+    e = c.path_error(SandboxdError(code, message), "x")
+    assert isinstance(e, FileError) and (e.error, e.code) == (error, code) and e.detail == message.split(": ", 1)[1]
+
+
+@pytest.mark.parametrize("code,message", [
+    ("UNAVAILABLE", "m"), ("UNAUTHENTICATED", "m"), ("RESOURCE_EXHAUSTED", "overloaded"), ("INTERNAL", "m"),
+    ("NOT_FOUND", "session 'abc' ended at 2026-11-30T08:32:29Z: closed"),   # the session, not the path
+])
+def test_other_statuses_stay_sandboxd_errors(code, message):
+    e = c.path_error(SandboxdError(code, message), "x")
     assert type(e) is SandboxdError and e.code == code
 
 
