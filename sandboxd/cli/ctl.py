@@ -1,6 +1,15 @@
-"""`sandboxctl`: run a script in sandboxd from a shell, list runners.
+"""`sandboxctl`: run a script in sandboxd from a shell, list runners, read run records, and work in sessions.
 
-Exit status of `run`: see EXIT_STATUS below (also in `sandboxctl --help` and the README).
+    sandboxctl run [--runner R] FILE|-                 one script in a fresh sandbox
+    sandboxctl session create --runner python          a sandbox kept for many calls; prints its id
+    sandboxctl exec SESSION -- wc -l data.csv          a command in it
+    sandboxctl code SESSION FILE|-                     a cell in its Python kernel (state kept between cells)
+    sandboxctl cp data.csv SESSION:data.csv            files in and out (cp SESSION:out/report.txt .)
+    sandboxctl session list | show SESSION | close SESSION
+
+Exit status of `run` and `exec`: see EXIT_STATUS below (also in `sandboxctl --help` and the README). `code`
+exits 0 when the cell ran, 1 when it raised, else by the same rules; the session commands and `cp` exit 0 or
+125. The session commands live in sandboxd.cli.sessions.
 """
 from __future__ import annotations
 
@@ -20,7 +29,7 @@ EXIT_REFUSED = 125
 # exit after a MemoryError; an output_limit run is stopped by sandboxd, with no signal of its own).
 EXIT_MEMORY_LIMIT = 128 + signal.SIGKILL    # what the OOM killer sends
 EXIT_OUTPUT_LIMIT = 128 + signal.SIGXFSZ    # the signal for writing past a size limit
-EXIT_STATUS = f"""exit status of run: the script's own exit code; 128+N when it was killed by signal N;
+EXIT_STATUS = f"""exit status of run and exec: the command's own exit code; 128+N when it was killed by signal N;
   {EXIT_TIMEOUT} timeout; {EXIT_REFUSED} refused or failed by sandboxd (one line on stderr says why);
   {EXIT_MEMORY_LIMIT} memory_limit (128+SIGKILL); {EXIT_OUTPUT_LIMIT} output_limit (128+SIGXFSZ).
   Any command: 141 (128+SIGPIPE) when its output pipe closes early (e.g. `| head`)."""
@@ -48,7 +57,8 @@ def _pick_runner(client: Client, path: str) -> str:
     return "python"
 
 
-def exit_status(result: Result) -> int:
+def exit_status(result) -> int:
+    """For a Result (run) or an ExecResult (exec)."""
     if result.outcome == "exited":
         return result.exit_code
     if result.outcome == "timeout":
@@ -206,8 +216,10 @@ def cmd_runners(args) -> int:
 @quiet_on_broken_pipe
 def main(argv: list[str] | None = None) -> int:
     # allow_abbrev off: "runs list --agent" must not be read as an abbreviation of --agent-name.
-    p = argparse.ArgumentParser(prog="sandboxctl", description="Run scripts in sandboxd.", allow_abbrev=False,
-                                epilog=EXIT_STATUS, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="sandboxctl", allow_abbrev=False, epilog=EXIT_STATUS,
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                description="Run scripts in sandboxd: one-shot runs, run records, and sessions "
+                                            "(sandboxes kept for many calls: session, exec, code, cp).")
     p.add_argument("--version", action="version", version=f"sandboxctl {__version__}")
     p.add_argument("--target", help="unix:///path.sock or host:port (default: $SANDBOXD_TARGET or "
                                     "unix:///run/sandboxd/sandboxd.sock)")
@@ -243,6 +255,16 @@ def main(argv: list[str] | None = None) -> int:
     ls = sub.add_parser("runners", help="list runners and their limits")
     ls.add_argument("--json", action="store_true")
     ls.set_defaults(fn=cmd_runners)
+    from . import sessions   # imports this module: registered here, not at import time
+    sessions.add_parsers(sub)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # argparse cannot take options between `exec SESSION` and `-- ARGV` (its positionals are matched in one go),
+    # so exec's command is split off at the first -- before parsing.
+    if "--" in argv and "exec" in argv[:argv.index("--")]:
+        args = p.parse_args(argv[:argv.index("--")])
+        if args.cmd == "exec":
+            args.argv = [*args.argv, *argv[argv.index("--") + 1:]]
+            return args.fn(args)
     args = p.parse_args(argv)
     return args.fn(args)
 
