@@ -329,6 +329,7 @@ class SessionManager:
             if msg.get("ev") == "call_failed":
                 for fd in ([] if tty else [out_r, err_r, stdin_fd]):
                     os.close(fd)
+                stdin_fd = -1
                 yield "started", call_id
                 yield "result", CallResult(call_id, Outcome.SETUP_FAILED,
                                            message=f"{msg.get('step')}: {msg.get('error')}")
