@@ -1,37 +1,44 @@
 #!/usr/bin/env bash
-# Build the "debian" sandbox image: a Debian bookworm minbase tree with python3, in images/debian/rootfs.
+# The shared recipe of the debootstrap sandbox images: each images/<name>/build.sh sets the parameters below and
+# sources this file.
 #
-#   sudo bash images/debian/build.sh          (or: make image-debian)
+#   NAME=debian                        the image's name (also written into the stamp)
+#   INCLUDE=python3,netbase            packages debootstrap adds to the minbase tree (comma-separated)
+#   ETC_EXPOSED=(ld.so.cache ...)      files under etc/ the daemon exposes (the image's image.toml); each must exist
+#   VERIFY='import sys; ...'           Python run with the tree's /usr/bin/python3 in a chroot; must exit 0, and its
+#                                      last line of output (the Python version) goes into the stamp
+#   VERIFY_ENV=(MPLBACKEND=Agg ...)    optional: extra environment for VERIFY
 #
-# Idempotent: the tree carries .sandboxd-image with the sha256 of this recipe; when it matches, nothing is done.
-# Editing this file (or FORCE=1) rebuilds. Atomic: the tree is built, stripped and verified in a temp dir next to
-# rootfs/ and only then renamed into place (swapped with renameat2(RENAME_EXCHANGE) when an old tree exists),
-# so rootfs/ is always either the previous complete tree or the new complete tree.
+# Idempotent: the tree carries .sandboxd-image with the sha256 of the image's recipe and of this file; when it
+# matches, nothing is done. Editing either (or FORCE=1) rebuilds. Atomic: the tree is built, stripped and verified
+# in a temp dir next to rootfs/ and only then renamed into place (swapped with renameat2(RENAME_EXCHANGE) when an
+# old tree exists), so rootfs/ is always either the previous complete tree or the new complete tree.
 #
 # Needs root (debootstrap, chroot) and network access to the Debian mirror configured on this machine (the
 # `URIs:` / `deb` line for the suite below in /etc/apt/sources.list{,.d/*}); MIRROR=... overrides it.
 set -euo pipefail
 
-NAME=debian
+: "${NAME:?set by the image recipe}" "${INCLUDE:?set by the image recipe}" "${VERIFY:?set by the image recipe}"
+[ "${#ETC_EXPOSED[@]}" -gt 0 ] || { echo "build-image.sh: ETC_EXPOSED is not set" >&2; exit 1; }
+[ -n "${VERIFY_ENV+x}" ] || VERIFY_ENV=()
 SUITE=bookworm
 VARIANT=minbase
-INCLUDE=python3,netbase            # python3 for the runner; netbase for etc/protocols + services (socket.getservbyname)
-# Files under etc/ the daemon exposes (images/debian/image.toml); the build fails if one is missing.
-ETC_EXPOSED=(ld.so.cache alternatives localtime mime.types protocols services)
 
-HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-RECIPE="$HERE/$(basename "${BASH_SOURCE[0]}")"
+# The image's own recipe is the script that sourced this one.
+HERE=$(cd "$(dirname "${BASH_SOURCE[1]}")" && pwd)
+RECIPE="$HERE/$(basename "${BASH_SOURCE[1]}")"
+ENGINE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/$(basename "${BASH_SOURCE[0]}")"
 ROOTFS="$HERE/rootfs"
 CACHE="$HERE/.cache/debs"          # downloaded .debs, reused by rebuilds (gitignored)
 STAMP_NAME=.sandboxd-image
 
-log() { printf 'build.sh: %s\n' "$*" >&2; }
+log() { printf '%s: %s\n' "$NAME" "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 
 [ "$(id -u)" -eq 0 ] || die "must run as root (debootstrap and chroot need it)"
 
 ARCH=$(dpkg --print-architecture)
-RECIPE_SHA=$(cat "$RECIPE" <(printf 'arch=%s\n' "$ARCH") | sha256sum | cut -d' ' -f1)
+RECIPE_SHA=$(cat "$RECIPE" "$ENGINE" <(printf 'arch=%s\n' "$ARCH") | sha256sum | cut -d' ' -f1)
 
 stamp_value() {  # stamp_value FILE KEY -> value of `KEY = "value"` or empty
     sed -n "s/^$2 = \"\(.*\)\"\$/\1/p" "$1" 2>/dev/null | head -n1
@@ -158,7 +165,7 @@ for root, dirs, files in os.walk(".", followlinks=False):
             continue
         if "security.capability" in os.listxattr(p, follow_symlinks=False):
             os.removexattr(p, "security.capability", follow_symlinks=False)
-            print(f"build.sh: removed file capabilities from {p[1:]}")
+            print(f"build-image.sh: removed file capabilities from {p[1:]}")
 EOF
 
 # --- check layout and the files the daemon exposes -------------------------------------------------------------
@@ -170,15 +177,17 @@ for e in "${ETC_EXPOSED[@]}"; do
 done
 
 # --- verify it runs --------------------------------------------------------------------------------------------
-PYVER=$(chroot "$TMP" /usr/bin/python3 -I -c \
-    'import sys, json, sqlite3, ssl, zlib, hashlib, socket; socket.getservbyname("http"); print(sys.version.split()[0])') \
-    || die "python3 does not run inside the new tree"
+# A clean environment and a scratch HOME, so nothing the check writes (caches) lands in the tree.
+PYVER=$(chroot "$TMP" /usr/bin/env -i PATH=/usr/bin:/bin HOME=/tmp LANG=C.UTF-8 "${VERIFY_ENV[@]}" \
+        /usr/bin/python3 -I -B -c "$VERIFY" | tail -n1) \
+    || die "the check (VERIFY) failed inside the new tree"
+find tmp -mindepth 1 -delete
 
 # --- record what was built -------------------------------------------------------------------------------------
 dpkg-query --admindir="$TMP/var/lib/dpkg" -W -f='${binary:Package}\t${Version}\n' | LC_ALL=C sort \
     > "$TMP/.sandboxd-packages"
 cat > "$TMP/$STAMP_NAME" <<EOF
-# Written by images/debian/build.sh; recipe_sha256 decides whether a rebuild is needed.
+# Written by images/$NAME/build.sh; recipe_sha256 decides whether a rebuild is needed.
 name = "$NAME"
 suite = "$SUITE"
 variant = "$VARIANT"
