@@ -8,6 +8,9 @@
 #   VERIFY='import sys; ...'           Python run with the tree's /usr/bin/python3 in a chroot; must exit 0, and its
 #                                      last line of output (the Python version) goes into the stamp
 #   VERIFY_ENV=(MPLBACKEND=Agg ...)    optional: extra environment for VERIFY
+#   APT_INSTALL="pkg ..."              optional: packages apt-get installs into the tree after debootstrap, without
+#                                      Recommends. Unlike debootstrap, which always takes the first of `a | b`,
+#                                      apt takes an alternative that is already named, so a recipe can steer it.
 #
 # Idempotent: the tree carries .sandboxd-image with the sha256 of the image's recipe and of this file; when it
 # matches, nothing is done. Editing either (or FORCE=1) rebuilds. Atomic: the tree is built, stripped and verified
@@ -133,6 +136,22 @@ fi
 debootstrap "${DEBOOTSTRAP_ARGS[@]}" "$SUITE" "$TMP" "$MIRROR"
 unmount_under "$TMP"
 
+if [ -n "${APT_INSTALL:-}" ]; then
+    log "apt-get install $APT_INSTALL"
+    # Against debootstrap's own sources.list (the mirror above); resolv.conf goes again in the strip step.
+    cp -L /etc/resolv.conf "$TMP/etc/resolv.conf"
+    mkdir -p "$CACHE/partial"
+    mount --bind "$CACHE" "$TMP/var/cache/apt/archives"
+    mount -t proc proc "$TMP/proc"
+    in_tree() { chroot "$TMP" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin LANG=C.UTF-8 \
+                DEBIAN_FRONTEND=noninteractive "$@"; }
+    in_tree apt-get -q update
+    # shellcheck disable=SC2086  # a list of package names
+    in_tree apt-get -q install -y --no-install-recommends $APT_INSTALL
+    in_tree apt-get -q clean
+    unmount_under "$TMP"
+fi
+
 # --- strip: nothing a sandbox must not carry or never needs -----------------------------------------------------
 log "stripping"
 cd "$TMP"
@@ -192,6 +211,7 @@ name = "$NAME"
 suite = "$SUITE"
 variant = "$VARIANT"
 include = "$INCLUDE"
+apt_install = "${APT_INSTALL:-}"
 arch = "$ARCH"
 mirror = "$MIRROR"
 built = "$(date -u +%Y-%m-%dT%H:%M:%SZ)"

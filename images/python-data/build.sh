@@ -6,9 +6,12 @@
 #
 # The steps (debootstrap, strip, check, stamp, atomic swap) are images/build-image.sh's; this file names the image.
 NAME=python-data
-# Debian's packages rather than wheels: signed by the archive, built against the tree's own libraries. Only
-# Depends are installed (debootstrap skips Recommends); fonts-dejavu-core is matplotlib's default font.
-INCLUDE=python3,netbase,python3-numpy,python3-pandas,python3-matplotlib,python3-pil,fonts-dejavu-core
+INCLUDE=python3,netbase
+# Debian's packages rather than wheels: signed by the archive, built against the tree's own libraries; Depends
+# only, no Recommends. Installed by apt, not debootstrap: python3-fonttools depends on `python3-scipy |
+# python3-munkres`, and debootstrap's first-alternative rule would bring scipy, pythran, g++ and boost (~1 GB).
+# fonts-dejavu-core is matplotlib's default font.
+APT_INSTALL="python3-numpy python3-pandas python3-matplotlib python3-pil fonts-dejavu-core python3-munkres"
 # Debian's matplotlib reads its defaults from /etc/matplotlibrc (mpl-data/matplotlibrc is a link to it), so the
 # image exposes it next to the debian image's etc files.
 ETC_EXPOSED=(ld.so.cache alternatives localtime mime.types protocols services matplotlibrc)

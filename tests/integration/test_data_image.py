@@ -58,7 +58,8 @@ sys.exit(kernel.wait())
 
 def test_kernel_gives_html_for_a_dataframe_and_png_for_a_plot(data):
     cells = ["import pandas as pd\ndf = pd.DataFrame({'a': [1, 2], 'b': ['x', 'y']})\ndf",
-             "import matplotlib.pyplot as plt\nplt.plot([1, 3, 2])\nplt.title('t')"]
+             "import matplotlib.pyplot as plt\nplt.plot([1, 3, 2])\nplt.show()\ndisplay('after show')\n"
+             "plt.figure(figsize=(2, 2))\nplt.plot([1])\nplt.title('t')"]
     r = data.run(DRIVER, "python-data", stdin=json.dumps(cells).encode(),
                  files={"python_kernel.py": kernel.source()})
     assert r.outcome == "exited" and r.exit_code == 0, (r, r.stderr)
@@ -66,8 +67,12 @@ def test_kernel_gives_html_for_a_dataframe_and_png_for_a_plot(data):
     (result,) = [x for x in frame["reports"] if x["type"] == "result"]
     assert result["kind"] == "execute_result"
     assert "<table" in result["data"]["text/html"] and "a  b" in result["data"]["text/plain"]
-    kinds = [(x["type"], x.get("kind")) for x in plot["reports"]]
-    assert kinds == [("result", "execute_result"), ("result", "display_data"), ("done", None)], plot
-    figure = plot["reports"][1]["data"]
-    assert figure["text/plain"] == "<Figure size 640x480 with 1 Axes>"
-    assert figure["image/png"].startswith("iVBORw0KGgo")
+    # plt.show() emits the open figure where it is called; the figure still open at the end follows the result.
+    shown, between, result, last, done = plot["reports"]
+    assert between == {"type": "result", "kind": "display_data", "data": {"text/plain": "'after show'"}}
+    assert result["kind"] == "execute_result" and result["data"]["text/plain"] == "Text(0.5, 1.0, 't')"
+    assert done == {"type": "done"}
+    assert shown["data"]["text/plain"] == "<Figure size 640x480 with 1 Axes>"
+    assert last["data"]["text/plain"] == "<Figure size 200x200 with 1 Axes>"
+    for figure in (shown, last):
+        assert figure["kind"] == "display_data" and figure["data"]["image/png"].startswith("iVBORw0KGgo")
