@@ -108,16 +108,16 @@ class Kernel:
         with os.fdopen(r, "rb") as f:
             return [json.loads(line) for line in f.read().splitlines()]
 
-    def wait_for_report(self, cell: Cell, fragment: bytes):
+    def wait_for_stdout(self, cell: Cell, fragment: bytes):
         """Until the cell has written `fragment` to its stdout (the cell has reached a known point)."""
         while fragment not in cell.out[cell.stdout_r]:
             assert cell.thread.is_alive(), "the cell ended before printing %r" % fragment
             cell.thread.join(0.02)
 
     def close(self):
-        self.sock.close()
+        self.sock.close()       # EOF: an idle kernel exits 0; one stuck in a cell (a failed test) is killed
         try:
-            self.proc.wait(30)
+            self.proc.wait(10)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
@@ -216,17 +216,22 @@ def test_syntax_error_is_an_error(kernel):
     assert kernel.run("1 + 1").results()[0]["data"]["text/plain"] == "2"
 
 
-def test_print_streams_in_order_and_stays_off_the_report_channel(kernel):
+def test_print_streams_in_order_and_stays_off_the_report_channel(kernel, tmp_path):
+    gate = tmp_path / "gate"
+    os.mkfifo(gate)
     cell = kernel.start_cell(
-        "import sys, time\n"
+        "import sys\n"
         "print('first')\n"
-        "time.sleep(0.2)\n"
+        f"open({str(gate)!r}).read()\n"        # holds the cell until the test has seen 'first'
+
         "print('second', file=sys.stderr)\n"
         "print('{\"type\": \"result\", \"kind\": \"execute_result\", \"data\": {\"text/plain\": \"fake\"}}')\n"
         "print('{\"type\": \"done\"}', file=sys.stderr)\n"
         "'real'")
-    kernel.wait_for_report(cell, b"first\n")
+    kernel.wait_for_stdout(cell, b"first\n")
     assert cell.raw_reports == b""       # printed output arrived before the cell ended, and not as a report
+    with open(gate, "w") as f:
+        f.write("go")
     cell.wait()
     assert cell.stdout.splitlines() == ["first", '{"type": "result", "kind": "execute_result", '
                                                  '"data": {"text/plain": "fake"}}']
@@ -239,7 +244,7 @@ def test_print_streams_in_order_and_stays_off_the_report_channel(kernel):
 def test_interrupt_raises_keyboard_interrupt_and_the_kernel_survives(kernel, code):
     kernel.run("kept = 'yes'")
     cell = kernel.start_cell("print('running', flush=True)\n" + code)
-    kernel.wait_for_report(cell, b"running\n")
+    kernel.wait_for_stdout(cell, b"running\n")
     os.kill(kernel.proc.pid, signal.SIGINT)
     cell.wait()
     err = cell.error()
