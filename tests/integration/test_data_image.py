@@ -28,10 +28,13 @@ def test_data_stack_imports_and_renders(data):
             "df = pandas.DataFrame({'x': numpy.arange(4), 'y': numpy.arange(4) ** 2})\n"
             "fig, ax = plt.subplots(); df.plot(x='x', y='y', ax=ax)\n"
             "buf = io.BytesIO(); fig.savefig(buf, format='png')\n"
-            "print(matplotlib.get_backend(), int(df['y'].sum()), PIL.Image.open(buf).format, os.getuid() >= 1000)")
+            "print(matplotlib.get_backend(), int(df['y'].sum()), PIL.Image.open(buf).format, os.getuid() >= 1000)\n"
+            "print(sorted(os.listdir('/work')))")
     r = data.run(code, "python-data")
     assert r.outcome == "exited" and r.exit_code == 0, (r, r.stderr)
-    assert r.stdout.decode().split() == ["agg", "14", "PNG", "True"]
+    first, listing = r.stdout.decode().splitlines()
+    assert first.split() == ["agg", "14", "PNG", "True"]
+    assert listing == "['main.py']", "matplotlib's caches belong in /tmp, not in the workspace"
 
 
 # Runs inside the sandbox: starts the kernel the way a session does (fd 3, memfd, pipes) and prints its reports.
