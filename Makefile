@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test test-host test-cgroup2 image-debian bench proto clean
+.PHONY: install run test test-host test-cgroup2 image-debian image-data bench proto clean
 
 install: $(STAMP)
 
@@ -33,6 +33,9 @@ test-cgroup2: install
 
 image-debian: install
 	bash images/debian/build.sh
+
+image-data: install
+	bash images/python-data/build.sh
 
 bench: install
 	$(PY) bench/startup.py

@@ -287,7 +287,7 @@ def test_repo_runners_load_with_the_builtin_default_config():
     cfg = Config()
     images = load_images(cfg.sandbox.images_dir)
     runners = load_runners(cfg, images, {"default"})
-    assert {"python", "python-debian", "sh", "bash", "node"} <= set(runners)
+    assert {"python", "python-debian", "python-data", "sh", "bash", "node"} <= set(runners)
     for r in runners.values():
         assert r.source.startswith(str(REPO / "runners"))
         assert "{script}" in r.command and r.command[0].startswith("/")
