@@ -166,8 +166,9 @@ class Client:
                 wall_time: float = 0, cpu_time: float = 0, memory: int = 0, pids: int = 0, output: int = 0,
                 timeout: float | None = None) -> Iterator[Started | Output | Result]:
         """Stream one run: Started, then Output chunks as produced, then one Result. Limits of 0 mean the
-        runner's default; a limit can only be lowered. `timeout` is the RPC deadline: when it passes the daemon
-        stops the run (outcome cancelled). Closing the iterator early cancels the run too."""
+        runner's default; a limit may be raised above it, up to the runner's maximum and the policy's ceiling.
+        `timeout` is the RPC deadline: when it passes the daemon stops the run (outcome cancelled). Closing the
+        iterator early cancels the run too."""
         request = pb.ExecuteRequest(
             runner=runner, code=code, args=list(args), stdin=stdin, env=dict(env or {}), files=dict(files or {}),
             limits=pb.Limits(wall_time_seconds=wall_time, cpu_time_seconds=cpu_time, memory_bytes=memory,

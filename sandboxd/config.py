@@ -76,7 +76,7 @@ class Policy:
     runs_per_minute: int = 0             # per principal; 0: unlimited
     store_code: bool = True
     store_output: bool = False
-    limits: Limits | None = None         # ceilings (a request can only lower them); None: the runner's maximum
+    limits: Limits | None = None         # ceilings on every limit (requests and runner defaults alike); None: the runner's maximum
     sessions: bool = True                # may create sessions (on the runners above)
     max_sessions: int = 0                # live sessions per principal; 0: only the daemon-wide limit
     session_idle_timeout: float = 0.0    # ceiling; 0: [sessions] idle_timeout_max

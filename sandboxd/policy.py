@@ -1,8 +1,10 @@
 """Plan: turn a validated request, its runner and the configuration into one immutable RunSpec.
 
-Pure logic, no I/O, daemon side. Limits resolve in one direction only: the request may lower the runner's
-defaults, never exceed the runner's maximum (which never exceeds the configuration's). The identity issue adds
-`authorize` here (principal -> Decision with ceilings); plan_run already takes the ceiling as a parameter.
+Pure logic, no I/O, daemon side. Limits: a request may set the five limits of REQUEST_LIMITS anywhere up to the
+lower of the runner's maximum and the policy's ceiling (above the runner's default too: an agent that needs a
+longer run asks for it, and the operator bounds it with the maximum and the policy). Every other limit is the
+runner's default. The policy's ceiling caps every limit, including those a request cannot set, so a ceiling in
+[policies.limits] is never silently ignored.
 """
 from __future__ import annotations
 
@@ -60,7 +62,9 @@ def authorize(principal, runner: str, identity: Identity) -> Policy:
 
 def resolve_limits(requested: dict, runner: Runner, ceiling: Limits | None = None) -> Limits:
     ceiling = ceiling or runner.max_limits
-    resolved = {}
+    # Limits a request cannot set: the runner's default, held under the policy's ceiling.
+    resolved = {f.name: min(getattr(runner.default_limits, f.name), getattr(ceiling, f.name))
+                for f in dataclasses.fields(Limits) if f.name not in REQUEST_LIMITS}
     for name in REQUEST_LIMITS:
         value = requested.get(name) or 0
         if isinstance(value, float) and not math.isfinite(value):
@@ -72,7 +76,7 @@ def resolve_limits(requested: dict, runner: Runner, ceiling: Limits | None = Non
             resolved[name] = min(getattr(runner.default_limits, name), maximum)
         elif value > maximum:
             raise InvalidRequest(f"limits.{name}: {value} is above the maximum {maximum} for runner "
-                                 f"{runner.name!r} (a request can only lower limits)")
+                                 f"{runner.name!r} and this caller's policy")
         else:
             resolved[name] = value
     if resolved["memory"] < (4 << 20):
@@ -80,7 +84,7 @@ def resolve_limits(requested: dict, runner: Runner, ceiling: Limits | None = Non
                              f"(minimum 4MiB)")
     if resolved["wall_time"] < 0.001:
         raise InvalidRequest("limits.wall_time: expected at least 1ms")
-    return dataclasses.replace(runner.default_limits, **resolved)
+    return Limits(**resolved)
 
 
 def _check_path(path: str) -> str:
