@@ -45,7 +45,10 @@ class Catalog:
 
 def build_catalog(cfg: Config) -> Catalog:
     profiles = {}
+    if os.path.isdir(cfg.sandbox.seccomp_dir):
+        runners_mod.require_trusted(cfg.sandbox.seccomp_dir, "seccomp profile directory")
     for path in sorted(pathlib.Path(cfg.sandbox.seccomp_dir).glob("*.toml")):
+        runners_mod.require_trusted(path, "seccomp profile")
         try:
             program = seccomp.compile_profile(str(path))
         except Exception as e:  # noqa: BLE001 - any profile error is a config error naming the file
