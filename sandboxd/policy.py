@@ -99,7 +99,7 @@ def _check_path(path: str) -> str:
 def plan_run(req: RunRequest, runners: dict[str, Runner], images: dict[str, ImageSpec],
              seccomp: dict[str, SeccompProgram], run_id: str, max_request_bytes: int,
              stop_on_output_limit: bool = True, ceiling: Limits | None = None,
-             collect_max: int = 16 << 20) -> tuple[RunSpec, tuple[str, ...]]:
+             collect_max: int = 16 << 20, landlock_min_abi: int = 1) -> tuple[RunSpec, tuple[str, ...]]:
     """Return the RunSpec (uid/gid still 0: the supervisor allocates them) and the env names dropped by the
     runner's allowlist (recorded, not an error: the allowlist is a filter)."""
     if not RUNNER_RE.match(req.runner):
@@ -148,14 +148,15 @@ def plan_run(req: RunRequest, runners: dict[str, Runner], images: dict[str, Imag
     spec = RunSpec(
         run_id=run_id, argv=argv + tuple(req.args), env=tuple(sorted(env.items())), image=images[runner.image],
         seccomp=seccomp[runner.seccomp], limits=limits, files=tuple(files), workdir=workdir,
-        stop_on_output_limit=stop_on_output_limit, collect=tuple(req.collect), collect_max=collect_max)
+        stop_on_output_limit=stop_on_output_limit, collect=tuple(req.collect), collect_max=collect_max,
+        landlock_min_abi=landlock_min_abi)
     return spec, tuple(dropped)
 
 
 def plan_session(runner_name: str, runners: dict[str, Runner], images: dict[str, ImageSpec],
                  seccomp: dict[str, SeccompProgram], session_id: str, requested: dict, policy: Policy,
                  lifetime: float, files: tuple[tuple[str, bytes], ...], support: tuple[File, ...],
-                 max_request_bytes: int) -> RunSpec:
+                 max_request_bytes: int, landlock_min_abi: int = 1) -> RunSpec:
     """The RunSpec of a session's sandbox: the runner's image, profile and limits (the request may set them
     within the policy's ceiling), no program of its own; init serves calls until `lifetime` passes."""
     if not RUNNER_RE.match(runner_name):
@@ -179,4 +180,5 @@ def plan_session(runner_name: str, runners: dict[str, Runner], images: dict[str,
         out.append(File(path, data, 0o644))
     return RunSpec(run_id=session_id, argv=(), env=tuple(sorted(dict(runner.env).items())),
                    image=images[runner.image], seccomp=seccomp[runner.seccomp], limits=limits, files=tuple(out),
-                   workdir="/work", session=True, lifetime=lifetime, support_files=support)
+                   workdir="/work", session=True, lifetime=lifetime, support_files=support,
+                   landlock_min_abi=landlock_min_abi)

@@ -90,8 +90,11 @@ class Daemon:
         self.store: Store | None = None
         self.rates = RateLimiter()
         self.proxy: UnixPeerProxy | None = None
-        abi = landlock.abi_version()
-        self.landlock = f"abi {abi}" if abi else "unsupported by the kernel"
+        abi, needed = landlock.abi_version(), cfg.sandbox.landlock_required_abi
+        if abi < needed:
+            log.warning("the kernel's Landlock ABI is %s but [sandbox] requires %d: every run will fail closed "
+                        "(setup_failed, step landlock) until the kernel has it or require_landlock = false",
+                        abi or "absent", needed)
 
     @staticmethod
     def _run_uids(cfg: Config) -> int:

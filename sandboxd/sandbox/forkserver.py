@@ -15,7 +15,7 @@ Protocol (SOCK_SEQPACKET, one JSON object per message):
   launcher -> daemon  {"ev": "ready", "driver"}  {"ev": "pong", "runs"}
                       {"ev": "started", "run_id", "at"}    (the payload's execve succeeded; a session is up)
                       {"ev": "call", "run_id", "msg": {...}} + fds   (what a session's init reported)
-                      {"ev": "finished", "run_id", ...}   (see Run.result)
+                      {"ev": "finished", "run_id", ...}   (see launcher.Finished)
 
 A session is a run whose init stays up as a command server (init.py) until the daemon ends it, its lifetime
 passes or the launcher goes: the launcher keeps a control socket to it and relays calls both ways, unchanged.
@@ -54,6 +54,7 @@ class Run:
         self.kill_reason: str | None = None
         self.setup_error: str | None = None
         self.exit: dict = {}
+        self.landlock: int | None = None    # the ABI the payload applied, as init reported it at exec
         self.buf = b""
         self.ctl: socket.socket | None = None   # sessions: the control socket to init
 
@@ -308,6 +309,7 @@ class ForkServer:
                 self.send(ev="started", run_id=run.spec.run_id, at=run.exec_at)
             elif ev == "exec" and run.exec_at is None:
                 run.exec_at = time.time()
+                run.landlock = msg.get("landlock")
                 run.deadline = time.monotonic() + run.spec.limits.wall_time
                 heapq.heappush(self.timers, (run.deadline, run.spec.run_id))
                 self.send(ev="started", run_id=run.spec.run_id, at=run.exec_at)
@@ -352,7 +354,8 @@ class ForkServer:
         self.send(ev="finished", run_id=run.spec.run_id, setup_error=run.setup_error, kill_reason=run.kill_reason,
                   exit_code=run.exit.get("code"), signal=run.exit.get("signal"), cpu_ns=usage.cpu_ns,
                   peak_memory=usage.peak_memory, oom_kills=usage.oom_kills, forked_at=run.forked_at,
-                  exec_at=run.exec_at, ended_at=ended, clean=clean, seccomp_kill=sigsys)
+                  exec_at=run.exec_at, ended_at=ended, clean=clean, seccomp_kill=sigsys,
+                  landlock_abi=run.landlock)
 
     def _remove_cgroup(self, cg) -> bool:
         try:

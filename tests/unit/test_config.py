@@ -390,3 +390,11 @@ def test_default_dirs_exist_in_the_source_tree():
     root = pathlib.Path(config.__file__).resolve().parents[1]
     assert Config().sandbox.runners_dir == str(root / "runners")
     assert Config().sandbox.seccomp_dir == str(root / "sandboxd" / "seccomp")
+
+
+def test_landlock_is_required_by_default_and_can_demand_a_higher_abi():
+    assert config.SandboxConfig().landlock_required_abi == 1
+    assert _parse("[sandbox]\nlandlock_min_abi = 6\n").sandbox.landlock_required_abi == 6
+    assert _parse("[sandbox]\nrequire_landlock = false\n").sandbox.landlock_required_abi == 0
+    with pytest.raises(ConfigError, match=r"sandbox\.landlock_min_abi: expected an ABI version of 1 or more"):
+        _parse("[sandbox]\nlandlock_min_abi = 0\n")
