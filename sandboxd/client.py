@@ -97,10 +97,11 @@ class Client:
                 wall_time: float = 0, cpu_time: float = 0, memory: int = 0, pids: int = 0, output: int = 0,
                 collect_files: Sequence[str] = (), timeout: float | None = None) -> Iterator[Started | Output | Result]:
         """Stream one run: Started, then Output chunks as produced, then one Result. Limits of 0 mean the
-        runner's default; a limit can only be lowered. `collect_files` are glob patterns relative to /work whose
-        matching files come back in Result.files (up to the daemon's total cap; Result.files_truncated says
-        when some were left out). `timeout` is the RPC deadline: when it passes the daemon stops the run
-        (outcome cancelled). Closing the iterator early cancels the run too."""
+        runner's default; a limit may be raised above it, up to the runner's maximum and the policy's ceiling.
+        `collect_files` are glob patterns relative to /work whose matching files come back in Result.files (up to
+        the daemon's total cap; Result.files_truncated says when some were left out). `timeout` is the RPC
+        deadline: when it passes the daemon stops the run (outcome cancelled). Closing the iterator early cancels
+        the run too."""
         request = _c.execute_request(code, runner, args=args, stdin=stdin, env=env, files=files,
                                      wall_time=wall_time, cpu_time=cpu_time, memory=memory, pids=pids,
                                      output=output, collect_files=collect_files)
@@ -147,7 +148,7 @@ class Client:
                 env: Mapping[str, str] | None = None, files: Mapping[str, bytes | str] | None = None,
                 workspace_tar: bytes | BinaryIO | None = None, timeout: float | None = 120) -> "Session":
         """A new session: one sandbox kept for many calls until it is closed, idle for `idle_timeout` seconds
-        or `max_lifetime` old (0: the configured defaults; a request can only lower them). The limits cover
+        or `max_lifetime` old (0: the configured defaults; a request may set them up to the configured maxima). The limits cover
         the whole session (memory, pids) and are the defaults of its calls (wall_time, output). `env` is the
         default environment of every call; `files` and `workspace_tar` fill /work before anything runs."""
         tar_file = workspace_tar if hasattr(workspace_tar, "read") else None

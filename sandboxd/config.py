@@ -78,7 +78,7 @@ class Policy:
     runs_per_minute: int = 0             # per principal; 0: unlimited
     store_code: bool = True
     store_output: bool = False
-    limits: Limits | None = None         # ceilings (a request can only lower them); None: the runner's maximum
+    limits: Limits | None = None         # ceilings on every limit (requests and runner defaults alike); None: the runner's maximum
     sessions: bool = True                # may create sessions (on the runners above)
     max_sessions: int = 0                # live sessions per principal; 0: only the daemon-wide limit
     session_idle_timeout: float = 0.0    # ceiling; 0: [sessions] idle_timeout_max
@@ -158,6 +158,13 @@ class SandboxConfig:
                                                                       PACKAGE_DIR / "data" / "images"))
     seccomp_dir: str = str(PACKAGE_DIR / "seccomp")
     stop_on_output_limit: bool = True
+    require_landlock: bool = True       # fail closed (setup_failed) when the kernel lacks Landlock
+    landlock_min_abi: int = 1           # with require_landlock: the lowest Landlock ABI a run may start with
+
+    @property
+    def landlock_required_abi(self) -> int:
+        """What each RunSpec demands: 0 (anything, even no Landlock) when Landlock is not required."""
+        return self.landlock_min_abi if self.require_landlock else 0
 
 
 @dataclass(frozen=True)
@@ -312,8 +319,13 @@ def parse(text: str, path: str) -> Config:
         runners_dir=_rel(path, b.get("runners_dir", "str", d2.runners_dir)),
         images_dir=_rel(path, b.get("images_dir", "str", d2.images_dir)),
         seccomp_dir=_rel(path, b.get("seccomp_dir", "str", d2.seccomp_dir)),
-        stop_on_output_limit=b.get("stop_on_output_limit", "bool", d2.stop_on_output_limit))
+        stop_on_output_limit=b.get("stop_on_output_limit", "bool", d2.stop_on_output_limit),
+        require_landlock=b.get("require_landlock", "bool", d2.require_landlock),
+        landlock_min_abi=b.get("landlock_min_abi", "int", d2.landlock_min_abi))
     b.done()
+    if sandbox.landlock_min_abi < 1:
+        raise ConfigError(f"{path}: sandbox.landlock_min_abi: expected an ABI version of 1 or more, got "
+                          f"{sandbox.landlock_min_abi} (to run without Landlock, set require_landlock = false)")
     if sandbox.uid_start < 1000 or sandbox.uid_start + sandbox.uid_count > 2**32 - 2 or sandbox.uid_count < 1:
         raise ConfigError(f"{path}: sandbox.uid_start: expected a range of unprivileged uids (start >= 1000, "
                           f"count >= 1), got {sandbox.uid_start}+{sandbox.uid_count}")

@@ -1,8 +1,10 @@
 """Plan: turn a validated request, its runner and the configuration into one immutable RunSpec.
 
-Pure logic, no I/O, daemon side. Limits resolve in one direction only: the request may lower the runner's
-defaults, never exceed the runner's maximum (which never exceeds the configuration's). The identity issue adds
-`authorize` here (principal -> Decision with ceilings); plan_run already takes the ceiling as a parameter.
+Pure logic, no I/O, daemon side. Limits: a request may set the five limits of REQUEST_LIMITS anywhere up to the
+lower of the runner's maximum and the policy's ceiling (above the runner's default too: an agent that needs a
+longer run asks for it, and the operator bounds it with the maximum and the policy). Every other limit is the
+runner's default. The policy's ceiling caps every limit, including those a request cannot set, so a ceiling in
+[policies.limits] is never silently ignored.
 """
 from __future__ import annotations
 
@@ -60,7 +62,9 @@ def authorize(principal, runner: str, identity: Identity) -> Policy:
 
 def resolve_limits(requested: dict, runner: Runner, ceiling: Limits | None = None) -> Limits:
     ceiling = ceiling or runner.max_limits
-    resolved = {}
+    # Limits a request cannot set: the runner's default, held under the policy's ceiling.
+    resolved = {f.name: min(getattr(runner.default_limits, f.name), getattr(ceiling, f.name))
+                for f in dataclasses.fields(Limits) if f.name not in REQUEST_LIMITS}
     for name in REQUEST_LIMITS:
         value = requested.get(name) or 0
         if isinstance(value, float) and not math.isfinite(value):
@@ -72,7 +76,7 @@ def resolve_limits(requested: dict, runner: Runner, ceiling: Limits | None = Non
             resolved[name] = min(getattr(runner.default_limits, name), maximum)
         elif value > maximum:
             raise InvalidRequest(f"limits.{name}: {value} is above the maximum {maximum} for runner "
-                                 f"{runner.name!r} (a request can only lower limits)")
+                                 f"{runner.name!r} and this caller's policy")
         else:
             resolved[name] = value
     if resolved["memory"] < (4 << 20):
@@ -80,7 +84,7 @@ def resolve_limits(requested: dict, runner: Runner, ceiling: Limits | None = Non
                              f"(minimum 4MiB)")
     if resolved["wall_time"] < 0.001:
         raise InvalidRequest("limits.wall_time: expected at least 1ms")
-    return dataclasses.replace(runner.default_limits, **resolved)
+    return Limits(**resolved)
 
 
 def _check_path(path: str) -> str:
@@ -95,7 +99,7 @@ def _check_path(path: str) -> str:
 def plan_run(req: RunRequest, runners: dict[str, Runner], images: dict[str, ImageSpec],
              seccomp: dict[str, SeccompProgram], run_id: str, max_request_bytes: int,
              stop_on_output_limit: bool = True, ceiling: Limits | None = None,
-             collect_max: int = 16 << 20) -> tuple[RunSpec, tuple[str, ...]]:
+             collect_max: int = 16 << 20, landlock_min_abi: int = 1) -> tuple[RunSpec, tuple[str, ...]]:
     """Return the RunSpec (uid/gid still 0: the supervisor allocates them) and the env names dropped by the
     runner's allowlist (recorded, not an error: the allowlist is a filter)."""
     if not RUNNER_RE.match(req.runner):
@@ -144,14 +148,15 @@ def plan_run(req: RunRequest, runners: dict[str, Runner], images: dict[str, Imag
     spec = RunSpec(
         run_id=run_id, argv=argv + tuple(req.args), env=tuple(sorted(env.items())), image=images[runner.image],
         seccomp=seccomp[runner.seccomp], limits=limits, files=tuple(files), workdir=workdir,
-        stop_on_output_limit=stop_on_output_limit, collect=tuple(req.collect), collect_max=collect_max)
+        stop_on_output_limit=stop_on_output_limit, collect=tuple(req.collect), collect_max=collect_max,
+        landlock_min_abi=landlock_min_abi)
     return spec, tuple(dropped)
 
 
 def plan_session(runner_name: str, runners: dict[str, Runner], images: dict[str, ImageSpec],
                  seccomp: dict[str, SeccompProgram], session_id: str, requested: dict, policy: Policy,
                  lifetime: float, files: tuple[tuple[str, bytes], ...], support: tuple[File, ...],
-                 max_request_bytes: int) -> RunSpec:
+                 max_request_bytes: int, landlock_min_abi: int = 1) -> RunSpec:
     """The RunSpec of a session's sandbox: the runner's image, profile and limits (the request may set them
     within the policy's ceiling), no program of its own; init serves calls until `lifetime` passes."""
     if not RUNNER_RE.match(runner_name):
@@ -175,4 +180,5 @@ def plan_session(runner_name: str, runners: dict[str, Runner], images: dict[str,
         out.append(File(path, data, 0o644))
     return RunSpec(run_id=session_id, argv=(), env=tuple(sorted(dict(runner.env).items())),
                    image=images[runner.image], seccomp=seccomp[runner.seccomp], limits=limits, files=tuple(out),
-                   workdir="/work", session=True, lifetime=lifetime, support_files=support)
+                   workdir="/work", session=True, lifetime=lifetime, support_files=support,
+                   landlock_min_abi=landlock_min_abi)

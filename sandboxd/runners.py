@@ -4,6 +4,9 @@ Runs in the daemon. Runners are data (runners/*.toml, one per language); images 
 (images/<name>/image.toml). Both are loaded and validated at start-up and on reload; a runner whose image or
 interpreter is missing is kept but marked unavailable, so ListRunners can say why and Execute answers
 FAILED_PRECONDITION instead of failing inside the sandbox.
+
+The daemon reads these as root and runs code on what they say, so `require_trusted` refuses any of them that
+someone other than root could change (see its docstring for exactly what is checked).
 """
 from __future__ import annotations
 
@@ -49,6 +52,24 @@ class Runner:
         return not any(fnmatch.fnmatchcase(name, pattern) for pattern in self.session_env_forbid)
 
 
+def require_trusted(path: str | os.PathLike, what: str) -> None:
+    """ConfigError unless `path` (followed if a symlink) is owned by root and writable by nobody else (no group or
+    other write bit). Checked: the runner, image and seccomp directories, every *.toml read from them, each
+    image's directory and its source directory itself. Not checked: their parents (a sticky /tmp above a
+    root-owned 0700 directory is fine) and the files inside an image's source tree (root builds it)."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise ConfigError(f"{path}: {what}: cannot stat: {e.strerror}") from None
+    if st.st_uid != 0:
+        raise ConfigError(f"{path}: {what} is owned by uid {st.st_uid}, not root: sandboxd reads it as root and "
+                          "will not trust what another user can change")
+    if st.st_mode & 0o022:
+        raise ConfigError(f"{path}: {what} is writable by its group or by others (mode {stat.S_IMODE(st.st_mode):04o}): "
+                          "sandboxd reads it as root and will not trust what another user can change "
+                          "(chmod go-w)")
+
+
 def resolve_in(root: str, path: str, depth: int = 0) -> str | None:
     """Resolve `path` as the sandbox would see it with `root` as "/": absolute symlinks stay inside the image.
     Returns the host path of the final file, or None if it does not exist."""
@@ -80,7 +101,11 @@ def resolve_in(root: str, path: str, depth: int = 0) -> str | None:
 
 def load_images(images_dir: str) -> dict[str, ImageSpec]:
     images: dict[str, ImageSpec] = {}
+    if os.path.isdir(images_dir):
+        require_trusted(images_dir, "images directory")
     for path in sorted(pathlib.Path(images_dir).glob("*/image.toml")):
+        require_trusted(path.parent, "image directory")
+        require_trusted(path, "image definition")
         try:
             doc = tomllib.loads(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
@@ -100,6 +125,8 @@ def load_images(images_dir: str) -> dict[str, ImageSpec]:
             if "/" in entry.strip("/") and entry not in etc or entry in ("", ".", "..") or ".." in entry.split("/"):
                 raise ConfigError(f"{path}: entries: expected top-level names, got {entry!r}")
         source = str((path.parent / source).resolve()) if not os.path.isabs(source) else os.path.normpath(source)
+        if os.path.isdir(source):  # a missing source only makes its runners unavailable
+            require_trusted(source, f"source of image {name!r}")
         images[name] = ImageSpec(name=name, source=source, entries=tuple(entries), etc=tuple(etc))
     if "host" not in images:  # the default image needs no file
         images["host"] = ImageSpec(name="host", source="/")
@@ -107,6 +134,7 @@ def load_images(images_dir: str) -> dict[str, ImageSpec]:
 
 
 def load_runner(path: pathlib.Path, cfg: Config, images: dict[str, ImageSpec], profiles: set[str]) -> Runner:
+    require_trusted(path, "runner definition")
     try:
         doc = tomllib.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
@@ -170,6 +198,7 @@ def load_runners(cfg: Config, images: dict[str, ImageSpec], profiles: set[str]) 
     directory = pathlib.Path(cfg.sandbox.runners_dir)
     if not directory.is_dir():
         raise ConfigError(f"{cfg.source}: sandbox.runners_dir: {directory} is not a directory")
+    require_trusted(directory, "runners directory")
     runners: dict[str, Runner] = {}
     for path in sorted(directory.glob("*.toml")):
         runner = load_runner(path, cfg, images, profiles)

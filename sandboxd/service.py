@@ -140,7 +140,8 @@ class SessionService:
             spec = policy.plan_session(
                 request.runner, catalog.runners, catalog.images, catalog.seccomp, sid, wire.limits_of(request.limits),
                 allowed, lifetime, tuple(sorted(request.files.items())),
-                sessions_mod.kernel_files(runner) if runner else (), cfg.server.max_request_bytes)
+                sessions_mod.kernel_files(runner) if runner else (), cfg.server.max_request_bytes,
+                landlock_min_abi=cfg.sandbox.landlock_required_abi)
             for name in env:
                 if not runner.allows_session_env(name):
                     raise InvalidRequest(f"env: {name!r} may not be set in runner {runner.name!r}'s sessions")
@@ -162,7 +163,9 @@ class SessionService:
                        "workspace_tar_sha256": hashlib.sha256(request.workspace_tar).hexdigest(),
                        "sandbox_profile": {"namespaces": list(d.namespaces), "seccomp": spec.seccomp.name,
                                            "seccomp_sha256": spec.seccomp.sha256, "network": spec.network,
-                                           "cgroup_driver": d.launcher.driver, "landlock": d.landlock}})
+                                           "cgroup_driver": d.launcher.driver,
+                                           "landlock": (f"required: ABI {spec.landlock_min_abi} or later"
+                                                        if spec.landlock_min_abi else "not required")}})
         await d.record_event("session.created", sid, record)
         try:
             await d.sessions.create(session, spec.files, request.workspace_tar)
@@ -559,7 +562,8 @@ class SandboxService(SessionService, pb_grpc.SandboxServicer):
             d.rates.check(principal.id, allowed.runs_per_minute, time.monotonic())
             spec, dropped_env = policy.plan_run(
                 req, catalog.runners, catalog.images, catalog.seccomp, run_id, cfg.server.max_request_bytes,
-                cfg.sandbox.stop_on_output_limit, ceiling=allowed.limits, collect_max=cfg.sessions.collect_limit)
+                cfg.sandbox.stop_on_output_limit, ceiling=allowed.limits, collect_max=cfg.sessions.collect_limit,
+                landlock_min_abi=cfg.sandbox.landlock_required_abi)
         except SandboxError as err:
             if "peer" not in record:
                 record["peer"] = {"address": context.peer()}
@@ -576,7 +580,10 @@ class SandboxService(SessionService, pb_grpc.SandboxServicer):
             "limits": spec_summary["limits"], "spec": spec_summary,
             "sandbox_profile": {"namespaces": list(d.namespaces), "seccomp": spec.seccomp.name,
                                 "seccomp_sha256": spec.seccomp.sha256, "network": spec.network,
-                                "cgroup_driver": d.launcher.driver, "landlock": d.landlock},
+                                "cgroup_driver": d.launcher.driver,
+                                # what the run demands; run.finished says what it applied (landlock_abi)
+                                "landlock": (f"required: ABI {spec.landlock_min_abi} or later"
+                                             if spec.landlock_min_abi else "not required")},
             "store_code": allowed.store_code, "store_output": allowed.store_output})
         if allowed.store_code:
             record["code"] = request.code

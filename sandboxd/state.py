@@ -45,7 +45,10 @@ class Catalog:
 
 def build_catalog(cfg: Config) -> Catalog:
     profiles = {}
+    if os.path.isdir(cfg.sandbox.seccomp_dir):
+        runners_mod.require_trusted(cfg.sandbox.seccomp_dir, "seccomp profile directory")
     for path in sorted(pathlib.Path(cfg.sandbox.seccomp_dir).glob("*.toml")):
+        runners_mod.require_trusted(path, "seccomp profile")
         try:
             program = seccomp.compile_profile(str(path))
         except Exception as e:  # noqa: BLE001 - any profile error is a config error naming the file
@@ -88,8 +91,11 @@ class Daemon:
         self.store: Store | None = None
         self.rates = RateLimiter()
         self.proxy: UnixPeerProxy | None = None
-        abi = landlock.abi_version()
-        self.landlock = f"abi {abi}" if abi else "unsupported by the kernel"
+        abi, needed = landlock.abi_version(), cfg.sandbox.landlock_required_abi
+        if abi < needed:
+            log.warning("the kernel's Landlock ABI is %s but [sandbox] requires %d: every run will fail closed "
+                        "(setup_failed, step landlock) until the kernel has it or require_landlock = false",
+                        abi or "absent", needed)
 
     @staticmethod
     def _run_uids(cfg: Config) -> int:

@@ -69,6 +69,7 @@ class RunResult:
     message: str = ""
     setup_seconds: float | None = None   # request accepted -> payload exec'd
     oom_kills: int = 0
+    landlock_abi: int | None = None      # what the payload applied (0: no Landlock); None: it never exec'd
     stored_stdout: bytes = b""
     stored_stderr: bytes = b""
     files: tuple = ()                    # collected files: {"path", "mode", "data"}
@@ -269,8 +270,8 @@ class Supervisor:
             stdout_truncated=stats["stdout"].truncated, stderr_truncated=stats["stderr"].truncated,
             stdout_sha256=stats["stdout"].sha256.hexdigest(), stderr_sha256=stats["stderr"].sha256.hexdigest(),
             message=message, setup_seconds=(exec_at - accepted_at) if exec_at else None, oom_kills=fin.oom_kills,
-            stored_stdout=bytes(stats["stdout"].kept), stored_stderr=bytes(stats["stderr"].kept),
-            files=tuple(run.collected), files_truncated=run.collect_truncated))
+            landlock_abi=fin.landlock_abi, stored_stdout=bytes(stats["stdout"].kept),
+            stored_stderr=bytes(stats["stderr"].kept), files=tuple(run.collected), files_truncated=run.collect_truncated))
 
     async def _pump(self, fd: int, name: str, st: StreamStats, run: ActiveRun, limited: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()

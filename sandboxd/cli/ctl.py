@@ -234,8 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     r = sub.add_parser("run", help="run a script (FILE, or - for stdin) and stream its output", epilog=EXIT_STATUS,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     r.add_argument("--runner", help="runner name (default: from the file extension, else python)")
-    r.add_argument("--timeout", type=float, metavar="SECONDS", help="wall-clock limit (can only lower the default)")
-    r.add_argument("--memory", metavar="SIZE", help="memory limit, e.g. 128MiB (can only lower the default)")
+    r.add_argument("--timeout", type=float, metavar="SECONDS", help="wall-clock limit (default: the runner's; may be raised up to the runner's and your policy's maximum)")
+    r.add_argument("--memory", metavar="SIZE", help="memory limit, e.g. 128MiB (default: the runner's; may be raised up to the runner's and your policy's maximum)")
     r.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
     r.add_argument("file", metavar="FILE|-", help="the script, or - to read it from stdin")
     # A default makes argparse treat the optional args as optional in its "required" message, too.

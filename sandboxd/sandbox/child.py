@@ -13,8 +13,10 @@ failure names the step and the run fails closed with outcome setup_failed: the p
 less isolation than the spec asks for.
 
 Init talks to the launcher through `status_fd` with one JSON object per line (each well under PIPE_BUF, so
-lines never interleave): {"ev": "exec"}, {"ev": "setup_failed", "step": ..., "error": ...},
-{"ev": "exit", "code": n} or {"ev": "exit", "signal": n}.
+lines never interleave): {"ev": "exec", "landlock": abi}, {"ev": "setup_failed", "step": ..., "error": ...},
+{"ev": "exit", "code": n} or {"ev": "exit", "signal": n}. The payload tells init what it applied (the Landlock
+ABI) and why it failed over its own close-on-exec pipe, one JSON object per line; EOF without a failure means
+execve succeeded.
 """
 from __future__ import annotations
 
@@ -115,12 +117,12 @@ def _init(spec: RunSpec, stdio: tuple[int, int, int], status_fd: int, staging: s
         os.close(err_w)
         for fd in stdio:
             os.close(fd)
-        failure = _read_all(err_r)
+        failure, applied = _payload_report(_read_all(err_r))
         os.close(err_r)
         if failure:
-            _report(status_fd, ev="setup_failed", **json.loads(failure))
+            _report(status_fd, ev="setup_failed", **failure)
         else:
-            _report(status_fd, ev="exec")
+            _report(status_fd, ev="exec", **applied)
         code = _reap_until(main, status_fd, report=not failure)
         if extra_fd >= 0 and not failure:
             _collect(spec, extra_fd, cap_last)
@@ -190,16 +192,30 @@ def _payload(spec: RunSpec, stdio: tuple[int, int, int], err_w: int, cap_last: i
         # A second, independent wall: even if a mount were writable by mistake, nothing outside the run's
         # tmpfs can be written. Unsupported kernels: apply() does nothing and the record says so.
         step = "landlock"
-        landlock.apply(["/tmp", spec.workdir, "/dev/shm"])
+        abi = landlock.apply(["/tmp", spec.workdir, "/dev/shm"], min_abi=spec.landlock_min_abi)
+        os.write(err_w, json.dumps({"landlock": abi}).encode() + b"\n")
         step = "seccomp"
         seccomp.apply(spec.seccomp.bpf)
         step = "exec"
         os.execve(spec.argv[0], list(spec.argv), dict(spec.env))
     except BaseException as e:  # noqa: BLE001
         try:
-            os.write(err_w, json.dumps({"step": step, "error": f"{type(e).__name__}: {e}"}).encode()[:4000])
+            os.write(err_w, json.dumps({"step": step, "error": f"{type(e).__name__}: {e}"[:3000]}).encode() + b"\n")
         finally:
             os._exit(127)
+
+
+def _payload_report(data: bytes) -> tuple[dict | None, dict]:
+    """The payload's lines -> (its failure or None, what it applied). Nothing untrusted has run yet when these
+    are written (the pipe closes on execve), so they are the payload's own word."""
+    failure, applied = None, {}
+    for line in data.splitlines():
+        msg = json.loads(line)
+        if "step" in msg:
+            failure = {"step": msg["step"], "error": msg.get("error")}
+        else:
+            applied.update(msg)
+    return failure, applied
 
 
 def _write_file(path: str, text: str) -> None:

@@ -4,7 +4,10 @@ Started by the daemon (launcher.py) before any gRPC thread exists, as `python -m
 It imports everything a child needs up front, then only forks, so no child ever inherits a lock held by another
 thread. It owns the cgroup driver: it creates each run's cgroup before fork, enforces the wall-clock and
 CPU-time limits, and after each run kills and removes the cgroup, so nothing outlives a run even if the daemon
-is gone. If the daemon's end of the control socket closes (the daemon died), it kills every run, removes every
+is gone. A cgroup that is still busy when its run ends (tasks dying, frozen, or stuck in the kernel) is retried
+from the loop's timers rather than waited for, so one slow removal never holds up other runs' starts and
+deadlines; the run's "finished" goes out only once its cgroup is gone (its uid is then reused) or, after
+REMOVE_PATIENCE, with clean=false (the daemon quarantines the uid). If the daemon's end of the control socket closes (the daemon died), it kills every run, removes every
 cgroup and exits.
 
 Protocol (SOCK_SEQPACKET, one JSON object per message):
@@ -15,7 +18,7 @@ Protocol (SOCK_SEQPACKET, one JSON object per message):
   launcher -> daemon  {"ev": "ready", "driver"}  {"ev": "pong", "runs"}
                       {"ev": "started", "run_id", "at"}    (the payload's execve succeeded; a session is up)
                       {"ev": "call", "run_id", "msg": {...}} + fds   (what a session's init reported)
-                      {"ev": "finished", "run_id", ...}   (see Run.result)
+                      {"ev": "finished", "run_id", ...}   (see launcher.Finished)
 
 A session is a run whose init stays up as a command server (init.py) until the daemon ends it, its lifetime
 passes or the launcher goes: the launcher keeps a control socket to it and relays calls both ways, unchanged.
@@ -43,6 +46,8 @@ log = logging.getLogger("sandboxd.launcher")
 MAX_FDS = 8
 SETUP_GRACE = 10.0   # seconds a run may spend in setup before its wall clock starts
 CPU_POLL = 0.1       # seconds between CPU-time checks of running runs
+REMOVE_PATIENCE = 30.0  # seconds a run's cgroup may stay busy before its run finishes unclean
+REMOVE_RETRY_MAX = 0.1  # seconds between removal attempts, at most (they start at 5ms and double)
 
 
 class Run:
@@ -54,8 +59,18 @@ class Run:
         self.kill_reason: str | None = None
         self.setup_error: str | None = None
         self.exit: dict = {}
+        self.landlock: int | None = None    # the ABI the payload applied, as init reported it at exec
         self.buf = b""
         self.ctl: socket.socket | None = None   # sessions: the control socket to init
+
+
+class Removal:
+    """A finished run whose cgroup is not gone yet, and the "finished" message that waits for it."""
+
+    def __init__(self, cgroup, finished: dict):
+        self.cgroup, self.finished = cgroup, finished
+        self.give_up = time.monotonic() + REMOVE_PATIENCE
+        self.next_at, self.interval, self.error = 0.0, 0.005, "tasks still running"
 
 
 class ForkServer:
@@ -64,6 +79,7 @@ class ForkServer:
         self.cap_last = creds.last_cap()
         self.sel = selectors.DefaultSelector()
         self.runs: dict[str, Run] = {}
+        self.removing: dict[str, Removal] = {}
         self.timers: list[tuple[float, str]] = []
         self.stopping = False
         self.kmsg = KernelLog.open()
@@ -81,8 +97,11 @@ class ForkServer:
         if self.kmsg is not None:
             self.sel.register(self.kmsg.fd, selectors.EVENT_READ, lambda _f: self.kmsg.drain())
         self.send(ev="ready", driver=self.driver.name, pid=os.getpid())
-        while not (self.stopping and not self.runs):
+        while not (self.stopping and not self.runs and not self.removing):
             timeout = CPU_POLL if self.runs else None
+            if self.removing:
+                soonest = max(0.0, min(r.next_at for r in self.removing.values()) - time.monotonic())
+                timeout = soonest if timeout is None else min(timeout, soonest)
             for key, _ in self.sel.select(timeout):
                 try:
                     key.data(key.fileobj)
@@ -311,6 +330,7 @@ class ForkServer:
                 self.send(ev="started", run_id=run.spec.run_id, at=run.exec_at)
             elif ev == "exec" and run.exec_at is None:
                 run.exec_at = time.time()
+                run.landlock = msg.get("landlock")
                 run.deadline = time.monotonic() + run.spec.limits.wall_time
                 heapq.heappush(self.timers, (run.deadline, run.spec.run_id))
                 self.send(ev="started", run_id=run.spec.run_id, at=run.exec_at)
@@ -350,12 +370,29 @@ class ForkServer:
             usage = run.cgroup.usage()
         except cgroups.CgroupError:
             usage = cgroups.Usage(0, 0, 0)
-        clean = self._remove_cgroup(run.cgroup)
         del self.runs[run.spec.run_id]
-        self.send(ev="finished", run_id=run.spec.run_id, setup_error=run.setup_error, kill_reason=run.kill_reason,
-                  exit_code=run.exit.get("code"), signal=run.exit.get("signal"), cpu_ns=usage.cpu_ns,
-                  peak_memory=usage.peak_memory, oom_kills=usage.oom_kills, forked_at=run.forked_at,
-                  exec_at=run.exec_at, ended_at=ended, clean=clean, seccomp_kill=sigsys)
+        self.removing[run.spec.run_id] = Removal(run.cgroup, dict(
+            run_id=run.spec.run_id, setup_error=run.setup_error, kill_reason=run.kill_reason,
+            exit_code=run.exit.get("code"), signal=run.exit.get("signal"), cpu_ns=usage.cpu_ns,
+            peak_memory=usage.peak_memory, oom_kills=usage.oom_kills, forked_at=run.forked_at,
+            exec_at=run.exec_at, ended_at=ended, seccomp_kill=sigsys, landlock_abi=run.landlock))
+        self._try_removal(run.spec.run_id)
+
+    def _try_removal(self, run_id: str) -> None:
+        """One non-blocking attempt at a finished run's cgroup; "finished" goes out when it is gone or given up."""
+        r = self.removing[run_id]
+        try:
+            gone = r.cgroup.try_remove()
+        except cgroups.CgroupError as e:
+            gone, r.error = False, str(e)
+        now = time.monotonic()
+        if not gone and now < r.give_up:
+            r.next_at, r.interval = now + r.interval, min(r.interval * 2, REMOVE_RETRY_MAX)
+            return
+        if not gone:
+            log.error("cgroup of run %s not removed within %ss: %s", run_id, REMOVE_PATIENCE, r.error)
+        del self.removing[run_id]
+        self.send(ev="finished", **r.finished, clean=gone)
 
     def _remove_cgroup(self, cg) -> bool:
         try:
@@ -367,6 +404,8 @@ class ForkServer:
 
     def tick(self) -> None:
         now = time.monotonic()
+        for run_id in [i for i, r in self.removing.items() if r.next_at <= now]:
+            self._try_removal(run_id)
         while self.timers and self.timers[0][0] <= now:
             deadline, run_id = heapq.heappop(self.timers)
             run = self.runs.get(run_id)

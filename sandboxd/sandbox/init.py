@@ -205,7 +205,7 @@ def _common_steps(spec: RunSpec, keep: set[int], cap_last: int, step: list) -> N
     step[0] = "close_fds"
     _close_fds_except(keep)
     step[0] = "landlock"
-    landlock.apply(["/tmp", spec.workdir, "/dev/shm"])
+    landlock.apply(["/tmp", spec.workdir, "/dev/shm"], min_abi=spec.landlock_min_abi)
 
 
 def _exec_payload(spec: RunSpec, msg: dict, stdio: dict[int, int], err_w: int, cap_last: int) -> None:

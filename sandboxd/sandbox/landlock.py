@@ -28,8 +28,10 @@ ABI handling. The kernel reports its Landlock ABI version; the ruleset handles e
 struct size passed to the kernel matches the version (8 bytes up to v3, 16 for v4-5, 24 from v6). Rights a newer
 kernel adds beyond those are not handled, so they stay allowed: the policy never fails on a newer kernel, and the
 mounts remain the primary control. Without Landlock (ENOSYS: not built; EOPNOTSUPP: not enabled at boot),
-`abi_version()` is 0 and `apply()` does nothing and returns 0, for the caller to record "landlock: unsupported".
-Once Landlock is known to be supported, every failure raises OSError: the run fails closed.
+`abi_version()` is 0. `apply(..., min_abi=N)` raises OSError when the kernel's ABI is below N (the run fails
+closed: the daemon's default is N = 1, [sandbox] require_landlock); with min_abi=0 it does nothing and returns 0
+on such a kernel, and the run's record says it applied ABI 0. Once Landlock is known to be supported, every
+failure raises OSError: the run fails closed.
 
 Child-side rules as in seccomp.py: the syscall entry points and struct types are resolved at import (in the
 launcher, before it forks); apply() makes a handful of syscalls and small ctypes allocations, nothing more.
@@ -171,9 +173,10 @@ def abi_version() -> int:
     return _ABI
 
 
-def apply(writable: Sequence[str], deny_tcp: bool = False) -> int:
+def apply(writable: Sequence[str], deny_tcp: bool = False, min_abi: int = 0) -> int:
     """Restrict the calling process (and everything it later forks or executes) to the policy in the module
-    docstring and return the ABI used; 0, doing nothing, when the kernel has no Landlock.
+    docstring and return the ABI used; 0, doing nothing, when the kernel has no Landlock and `min_abi` is 0.
+    A kernel ABI below `min_abi` raises OSError before anything is restricted.
 
     `writable`: absolute paths (sandbox paths, after pivot_root) given full write rights beneath them, e.g.
     ["/tmp", "/work", "/dev/shm"]; each must exist. `deny_tcp`: also deny every TCP bind and connect, loopback
@@ -183,6 +186,9 @@ def apply(writable: Sequence[str], deny_tcp: bool = False) -> int:
     seccomp. Raises OSError on any failure once Landlock is known to be supported; the caller must fail the run.
     """
     abi = abi_version()
+    if abi < min_abi:
+        raise OSError(errno.EOPNOTSUPP, f"landlock: the run requires ABI {min_abi} or later, the kernel has "
+                      + (f"ABI {abi}" if abi else "no Landlock (not built in, or not enabled at boot)"))
     if abi == 0:
         return 0
     if deny_tcp and abi < 4:

@@ -57,6 +57,7 @@ class Finished:
     ended_at: float | None = None
     clean: bool = True
     seccomp_kill: dict | None = None    # {"arch": audit arch hex, "nr": syscall number} from the kernel log
+    landlock_abi: int | None = None     # the Landlock ABI the payload applied (0: none); None: it never exec'd
 
 
 class RunHandle:

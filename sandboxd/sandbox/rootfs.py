@@ -144,13 +144,19 @@ def _proc(root: str) -> None:
     for name in PROC_MASK_FILES:
         path = os.path.join(proc, name)
         if os.path.isfile(path):
-            _libc.mount("/dev/null", path, None, MS_BIND)
+            _mask_file(path)
     for name in PROC_MASK_DIRS:
         path = os.path.join(proc, name)
         if os.path.isdir(path):
             _libc.mount("tmpfs", path, "tmpfs", RO | MS_NOEXEC, "size=0,nr_inodes=1,mode=555")
         elif os.path.isfile(path):
-            _libc.mount("/dev/null", path, None, MS_BIND)
+            _mask_file(path)
+
+
+def _mask_file(path: str) -> None:
+    """Hide a /proc file behind /dev/null, remounted read-only, nosuid, nodev and noexec like every other mount:
+    nodev makes the node unopenable (EACCES), so the mask neither reads the file nor writes anywhere."""
+    _bind_ro("/dev/null", path, MS_NODEV | MS_NOEXEC)
 
 
 def _support(spec: RunSpec, root: str) -> None:

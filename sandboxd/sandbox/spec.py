@@ -90,6 +90,7 @@ class RunSpec:
     # bytes in all) and streamed to the daemon before the sandbox is torn down.
     collect: tuple[str, ...] = ()
     collect_max: int = 0
+    landlock_min_abi: int = 1        # below it (0: no Landlock) the run fails closed; 0 accepts any kernel
 
     def to_json(self) -> bytes:
         return json.dumps(_encode(dataclasses.asdict(self))).encode()
@@ -108,7 +109,7 @@ class RunSpec:
             support_files=tuple(File(**f) for f in d.get("support_files", ())),
             collect=tuple(d.get("collect", ())),
             **{k: d[k] for k in ("workdir", "hostname", "uid", "gid", "user", "network", "stop_on_output_limit",
-                                 "session", "lifetime", "collect_max") if k in d},
+                                 "session", "lifetime", "collect_max", "landlock_min_abi") if k in d},
         )
 
     def summary(self) -> dict:

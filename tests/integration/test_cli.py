@@ -77,3 +77,12 @@ def test_runners_listing(daemon):
     p = ctl(daemon, "runners")
     assert p.returncode == 0
     assert "python" in p.stdout and "/usr/bin/python3" in p.stdout
+
+
+def test_run_help_says_limits_may_be_raised_up_to_the_maximum():
+    """The help must say what the planner does: --timeout and --memory may go above the runner's default."""
+    out = subprocess.run([sys.executable, "-m", "sandboxd.cli.ctl", "run", "--help"], capture_output=True,
+                         text=True, check=True).stdout
+    flat = " ".join(out.split())
+    assert "only lower" not in flat
+    assert flat.count("may be raised up to the runner's and your policy's maximum") == 2

@@ -166,3 +166,59 @@ def test_serve_refuses_a_tcp_listener_without_tls_with_status_2_and_leaves_nothi
     assert p.returncode == 2, p.stderr
     assert "server.listen" in p.stderr and "127.0.0.1:0" in p.stderr and "Traceback" not in p.stderr
     assert_started_nothing(sock, name, uid_start)
+
+
+# -- who owns what the daemon reads as root -------------------------------------------------------------------
+def trusted_tree(tmp_path):
+    """Copies of the shipped runners, images and seccomp profiles, owned by root with the usual modes."""
+    import shutil
+    for name in ("runners", "images"):
+        shutil.copytree(ROOT / name, tmp_path / name, ignore=shutil.ignore_patterns("rootfs", ".cache", "*.lock"))
+    shutil.copytree(ROOT / "sandboxd" / "seccomp", tmp_path / "seccomp")
+    return (f'runners_dir = "{tmp_path}/runners"\nimages_dir = "{tmp_path}/images"\n'
+            f'seccomp_dir = "{tmp_path}/seccomp"\n')
+
+
+UNTRUSTED = {
+    # what the test does to the copy -> the path the error must name
+    "runners dir owned by nobody": (lambda t: os.chown(t / "runners", 65534, 65534), "runners"),
+    "runner file world-writable": (lambda t: os.chmod(t / "runners" / "python.toml", 0o666), "runners/python.toml"),
+    "runner file owned by nobody": (lambda t: os.chown(t / "runners" / "sh.toml", 65534, -1), "runners/sh.toml"),
+    "images dir group-writable": (lambda t: os.chmod(t / "images", 0o775), "images"),
+    "image dir owned by nobody": (lambda t: os.chown(t / "images" / "host", 65534, -1), "images/host"),
+    "image definition world-writable": (lambda t: os.chmod(t / "images" / "host" / "image.toml", 0o646),
+                                        "images/host/image.toml"),
+    "seccomp dir world-writable": (lambda t: os.chmod(t / "seccomp", 0o757), "seccomp"),
+    "seccomp profile owned by nobody": (lambda t: os.chown(t / "seccomp" / "default.toml", 65534, -1),
+                                        "seccomp/default.toml"),
+}
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown needs root")
+def test_check_config_accepts_root_owned_copies(tmp_path):
+    path = write(tmp_path, "[sandbox]\n" + trusted_tree(tmp_path))
+    p = sandboxd("check-config", str(path))
+    assert p.returncode == 0, p.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown needs root")
+@pytest.mark.parametrize("case", sorted(UNTRUSTED))
+def test_check_config_refuses_what_a_non_root_user_can_change(tmp_path, case):
+    sandbox = trusted_tree(tmp_path)
+    change, named = UNTRUSTED[case]
+    change(tmp_path)
+    path = write(tmp_path, "[sandbox]\n" + sandbox)
+    line = assert_one_line_error(sandboxd("check-config", str(path)), 1, tmp_path / named, "")
+    assert f"{tmp_path / named}:" in line and ("not root" in line or "writable by its group or by others" in line)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="sandboxd serve needs root")
+def test_serve_refuses_a_runner_a_non_root_user_can_change_with_status_2(tmp_path):
+    sandbox = trusted_tree(tmp_path)
+    os.chmod(tmp_path / "runners" / "python.toml", 0o666)
+    path, sock, name, uid_start = serve_config(tmp_path, sandbox)
+    p = sandboxd("serve", "--config", str(path))
+    assert p.returncode == 2, p.stderr
+    assert f"{tmp_path}/runners/python.toml: runner definition is writable by its group or by others" in p.stderr
+    assert "Traceback" not in p.stderr
+    assert_started_nothing(sock, name, uid_start)

@@ -308,3 +308,39 @@ def test_missing_writable_path_fails_closed(abi):
     result = _run("missing", ["create_outside"])
     assert result["missing"] == "ENOENT"
     assert result["create_outside"] == "ok", "apply() failed, so nothing may have been restricted"
+
+
+# -- through the daemon: what a run demands and what it got ------------------------------------------------------
+def test_each_run_records_the_landlock_abi_it_applied(start_daemon, abi):
+    """The record says what the payload applied (reported by the payload itself, before execve), not what the
+    daemon probed at start-up."""
+    d = start_daemon()
+    with d.client() as c:
+        r = c.run("print('hi')")
+        assert r.outcome == "exited", r
+        rec = c.get_run(r.run_id)
+    assert rec["landlock_abi"] == abi
+    assert rec["sandbox_profile"]["landlock"] == "required: ABI 1 or later"
+    assert rec["spec"]["landlock_min_abi"] == 1
+
+
+def test_a_required_abi_the_kernel_lacks_fails_closed(start_daemon, abi):
+    """landlock_min_abi above the kernel's ABI: every run ends setup_failed naming landlock, and no code runs
+    (the script would print)."""
+    d = start_daemon("[sandbox]\nlandlock_min_abi = 99")
+    with d.client() as c:
+        r = c.run("print('ran without the Landlock it was promised')")
+        rec = c.get_run(r.run_id)
+    assert r.outcome == "setup_failed", r
+    assert r.stdout == b""
+    assert "landlock" in r.message and "requires ABI 99" in r.message and f"ABI {abi}" in r.message, r.message
+    assert rec["outcome"] == "setup_failed" and rec["landlock_abi"] is None
+
+
+def test_landlock_not_required_runs_anyway_and_records_what_it_got(start_daemon, abi):
+    d = start_daemon("[sandbox]\nrequire_landlock = false\nlandlock_min_abi = 99")
+    with d.client() as c:
+        r = c.run("print('hi')")
+        rec = c.get_run(r.run_id)
+    assert r.outcome == "exited", r
+    assert rec["landlock_abi"] == abi and rec["sandbox_profile"]["landlock"] == "not required"

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 
 from conftest import procs_with_uids
+from sandboxd.client import SandboxdError
 
 pytestmark = pytest.mark.cgroup2
 
@@ -124,3 +125,43 @@ def test_file_size_limit_is_efbig(sandbox):
 def test_limits_in_result_are_the_effective_ones(sandbox):
     r = sandbox.run("pass", wall_time=3, memory=100 << 20)
     assert r.limits["wall_time"] == 3 and r.limits["memory"] == 100 << 20
+
+
+def test_a_request_may_raise_a_limit_above_the_runners_default(sandbox):
+    # The python runner's default wall time is 10s and its maximum 300s: asking for more than the default is
+    # allowed (README, sandboxctl run --help and the proto say so), asking past the maximum is not.
+    r = sandbox.run("pass", wall_time=20)
+    assert r.outcome == "exited" and r.limits["wall_time"] == 20
+    with pytest.raises(SandboxdError, match="limits.wall_time: 301.0 is above the maximum 300.0"):
+        sandbox.run("pass", wall_time=301)
+
+
+POLICY_CEILINGS = """
+[[principals]]
+name = "root"
+unix_uids = [0]
+roles = ["admin"]
+[[policies]]
+name = "tight"
+principals = ["root"]
+[policies.limits]
+tmp_size = "1MiB"
+open_files = 32
+"""
+
+
+def test_policy_ceilings_apply_to_limits_a_request_cannot_set(start_daemon):
+    """tmp_size and open_files are not request limits: the policy's ceiling must still bind the run."""
+    d = start_daemon(POLICY_CEILINGS)
+    with d.client() as c:
+        r = c.run("""
+import errno, os, resource
+try:
+    with open('/tmp/fill', 'wb') as f:
+        f.write(b'x' * (2 << 20))
+    print('written')
+except OSError as e:
+    print(errno.errorcode[e.errno])
+print(resource.getrlimit(resource.RLIMIT_NOFILE)[1])
+""")
+    assert r.stdout.split() == [b"ENOSPC", b"32"], r

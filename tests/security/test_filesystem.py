@@ -290,17 +290,32 @@ def test_no_sys_and_no_cgroup_filesystem(sandbox):
 
 
 def test_writes_to_masked_proc_files_reach_nothing(sandbox):
-    """Masks are binds of /dev/null (files) or empty read-only tmpfs (directories): reading shows nothing and
-    writing stays inside /dev/null."""
+    """Masks are binds of /dev/null on a nodev mount (files: the node cannot be opened at all) or empty read-only
+    tmpfs (directories): reading shows nothing and writing reaches nothing."""
     s = probe(sandbox, """
         for p in ('/proc/timer_list', '/proc/keys', '/proc/kallsyms'):
-            out[p] = (os.stat(p).st_rdev == os.stat('/dev/null').st_rdev, len(open(p, 'rb').read()))
+            out[p] = (os.stat(p).st_rdev == os.stat('/dev/null').st_rdev, err(os.open, p, os.O_RDONLY),
+                      err(os.open, p, os.O_WRONLY))
         for d in ('/proc/acpi', '/proc/fs', '/proc/irq', '/proc/bus'):
             if os.path.isdir(d):
                 out[d] = (os.listdir(d), err(os.open, d + '/x', os.O_CREAT | os.O_WRONLY))
     """)
     for p in ("/proc/timer_list", "/proc/keys", "/proc/kallsyms"):
-        assert s[p] == [True, 0], (p, s[p])
+        assert s[p] == [True, "EACCES", "EACCES"], (p, s[p])
     for d in ("/proc/acpi", "/proc/fs", "/proc/irq", "/proc/bus"):
         if d in s:
             assert s[d] in ([[], "EROFS"], [[], "EACCES"]), (d, s[d])
+
+
+def test_proc_masks_are_read_only_nosuid_nodev_noexec(sandbox):
+    """Every mount over /proc (file masks and directory masks alike) carries ro, nosuid, nodev and noexec, as
+    docs/security.md promises of every mount but the five device binds."""
+    s = probe(sandbox, """
+        for line in open('/proc/self/mountinfo'):
+            f = line.split()
+            if f[4].startswith('/proc/'):
+                out[f[4]] = sorted(set(f[5].split(',')) & {'ro', 'nosuid', 'nodev', 'noexec'})
+    """)
+    assert {"/proc/keys", "/proc/kallsyms", "/proc/timer_list", "/proc/sys"} <= set(s), sorted(s)
+    bad = {p: o for p, o in s.items() if o != ["nodev", "noexec", "nosuid", "ro"]}
+    assert not bad, bad

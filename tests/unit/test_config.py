@@ -397,3 +397,11 @@ def test_a_policy_naming_x509_ids_is_refused_not_silently_empty():
     that way would match no one; check-config says what to write instead."""
     message = _error('[[policies]]\nprincipals = ["root", "x509:spiffe://example.org/a"]\n')
     assert "policies[0].principals[1]" in message and "x509-cn:" in message and "cert_ids" in message
+
+
+def test_landlock_is_required_by_default_and_can_demand_a_higher_abi():
+    assert config.SandboxConfig().landlock_required_abi == 1
+    assert _parse("[sandbox]\nlandlock_min_abi = 6\n").sandbox.landlock_required_abi == 6
+    assert _parse("[sandbox]\nrequire_landlock = false\n").sandbox.landlock_required_abi == 0
+    with pytest.raises(ConfigError, match=r"sandbox\.landlock_min_abi: expected an ABI version of 1 or more"):
+        _parse("[sandbox]\nlandlock_min_abi = 0\n")

@@ -1,4 +1,5 @@
-"""policy.plan_run / resolve_limits: a request can only lower limits, and everything it carries is validated."""
+"""policy.plan_run / resolve_limits: a request sets limits up to the runner's and the policy's maximum, the policy caps
+every limit, and everything a request carries is validated."""
 from __future__ import annotations
 
 import dataclasses
@@ -296,3 +297,19 @@ def test_plan_uses_the_runners_image_and_seccomp_program():
     assert spec.stop_on_output_limit is False
     assert (spec.uid, spec.gid) == (0, 0)   # the supervisor allocates them
     assert math.isfinite(spec.limits.wall_time)
+
+
+@pytest.mark.parametrize("name", [f.name for f in dataclasses.fields(Limits)])
+def test_policy_ceiling_caps_every_limit(name):
+    """Every key [policies.limits] accepts is enforced: a ceiling below the runner's default lowers the run's
+    limit, whether or not a request can set that limit itself."""
+    low = getattr(DEFAULTS, name) / 2 if name in ("wall_time", "cpu_time", "cpus") else getattr(DEFAULTS, name) // 2
+    ceiling = dataclasses.replace(MAXIMA, **{name: low})
+    assert getattr(resolve_limits({}, _runner(), ceiling), name) == getattr(ceiling, name)
+
+
+def test_request_may_raise_a_limit_above_the_default_up_to_the_ceiling():
+    ceiling = dataclasses.replace(MAXIMA, wall_time=40.0)
+    assert resolve_limits({"wall_time": 40.0}, _runner(), ceiling).wall_time == 40.0 > DEFAULTS.wall_time
+    with pytest.raises(InvalidRequest, match="limits.wall_time: 40.5 is above the maximum 40.0"):
+        resolve_limits({"wall_time": 40.5}, _runner(), ceiling)

@@ -122,6 +122,22 @@ def remove_run(run, directories: list[str], timeout: float) -> None:
         time.sleep(0.01)
 
 
+def try_remove_run(run, directories: list[str]) -> bool:
+    """One non-blocking step of remove(): kill, and rmdir if already empty. False while tasks remain (dying,
+    frozen, or stuck in the kernel), so the launcher can retry from its loop instead of sleeping in it."""
+    try:
+        run.kill()
+        if not run.empty():
+            return False
+        for directory in directories:
+            rmdir_tree(directory)
+        return True
+    except OSError as e:
+        if e.errno in (errno.EBUSY, errno.ENOTEMPTY):   # emptied in the kernel's view a moment later
+            return False
+        raise CgroupError(f"run cgroup {directories[0]} could not be removed: {e.strerror}") from e
+
+
 def claim(parent: str) -> int | None:
     """Lock the parent cgroup for this launcher's lifetime; None if it does not exist (nothing to guard yet).
 

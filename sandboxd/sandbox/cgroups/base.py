@@ -61,6 +61,11 @@ class RunCgroup(abc.ABC):
     def remove(self, timeout: float = 5.0) -> None:
         """Kill what is left, wait until empty, rmdir. Raises CgroupError if it cannot."""
 
+    @abc.abstractmethod
+    def try_remove(self) -> bool:
+        """Kill what is left and rmdir if empty, without waiting: True once the cgroup is gone, False while
+        tasks remain (call again later). Raises CgroupError if it cannot."""
+
 
 class CgroupDriver(abc.ABC):
     name: str            # "v2", "v1" or "hybrid"

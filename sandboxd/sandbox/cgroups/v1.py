@@ -69,6 +69,9 @@ class V1Run(RunCgroup):
     def remove(self, timeout: float = 5.0) -> None:
         _fs.remove_run(self, self._unique(), timeout)
 
+    def try_remove(self) -> bool:
+        return _fs.try_remove_run(self, self._unique())
+
 
 class V1Driver(CgroupDriver):
     name = "v1"

@@ -66,6 +66,9 @@ class V2Run(RunCgroup):
     def remove(self, timeout: float = 5.0) -> None:
         _fs.remove_run(self, [self.path], timeout)
 
+    def try_remove(self) -> bool:
+        return _fs.try_remove_run(self, [self.path])
+
 
 def _busy(error: CgroupError) -> bool:
     return isinstance(error.__cause__, OSError) and error.__cause__.errno == errno.EBUSY
