@@ -389,6 +389,13 @@ class SessionService:
         limit = self.d.config.sessions.transfer_limit
         max_bytes = min(request.max_bytes or limit, limit)
         current, sent, record = "", 0, []
+
+        async def recorded(chunk: pb.GetFilesChunk) -> pb.GetFilesChunk:
+            # Before the last file's last chunk goes out: a client may stop reading once it has it.
+            if len(record) == len(request.paths):
+                self.d.metrics.file_bytes.labels("out").inc(sent)
+                await self._file_event(principal, context, s, "get", files=record)
+            return chunk
         async for kind, payload in self.d.sessions.file_op(
                 s, {"op": "get", "paths": list(request.paths), "max_bytes": max_bytes}):
             if kind == b"J":
@@ -396,20 +403,18 @@ class SessionService:
                 current = str(head.get("path", ""))
                 if head.get("error"):
                     record.append({"path": current, "error": head["error"]})
-                    yield pb.GetFilesChunk(path=current, error=head["error"], message=str(head.get("message", "")),
-                                           eof=True)
+                    yield await recorded(pb.GetFilesChunk(path=current, error=head["error"], eof=True,
+                                                          message=str(head.get("message", ""))))
                 elif head.get("eof"):
                     record.append({"path": current, "size": head.get("size"), "sha256": head.get("sha256")})
-                    yield pb.GetFilesChunk(path=current, eof=True, size=int(head.get("size") or 0),
-                                           sha256=str(head.get("sha256", "")))
+                    yield await recorded(pb.GetFilesChunk(path=current, eof=True, size=int(head.get("size") or 0),
+                                                          sha256=str(head.get("sha256", ""))))
                 else:
                     yield pb.GetFilesChunk(path=current, size=int(head.get("size") or 0),
                                            mode=int(head.get("mode") or 0))
             elif kind == b"D":
                 sent += len(payload)
                 yield pb.GetFilesChunk(path=current, data=payload)
-        self.d.metrics.file_bytes.labels("out").inc(sent)
-        await self._file_event(principal, context, s, "get", files=record)
 
     async def _single(self, context, s, req: dict) -> list[dict]:
         try:

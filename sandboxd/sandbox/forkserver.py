@@ -325,7 +325,9 @@ class ForkServer:
             ev = msg.pop("ev", None)
             if ev == "ready" and run.spec.session and run.exec_at is None:
                 run.exec_at = time.time()
-                run.deadline = time.monotonic() + run.spec.lifetime
+                # A backstop only: the daemon closes the session at its lifetime; this ends it if the daemon
+                # could not (SETUP_GRACE later, so the daemon's own close, with its reason, comes first).
+                run.deadline = time.monotonic() + run.spec.lifetime + SETUP_GRACE
                 heapq.heappush(self.timers, (run.deadline, run.spec.run_id))
                 self.send(ev="started", run_id=run.spec.run_id, at=run.exec_at)
             elif ev == "exec" and run.exec_at is None:
