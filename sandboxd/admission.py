@@ -33,6 +33,7 @@ class Admission:
         self.limits: dict[str, int] = {}
         self.waiting: dict[str, collections.deque[asyncio.Future]] = collections.OrderedDict()
         self.closed: Exception | None = None
+        self.keyed: dict[str, tuple[str, asyncio.Future]] = {}   # waiters a stop can name (run ids)
 
     def reconfigure(self, max_concurrent: int, max_queue: int, max_wait: float,
                     max_queue_per_principal: int = 0) -> None:
@@ -57,9 +58,10 @@ class Admission:
         return self.running < self.max_concurrent and (not limit or self.active[principal] < limit)
 
     @contextlib.asynccontextmanager
-    async def slot(self, principal: str = "", limit: int = 0) -> AsyncIterator[float]:
+    async def slot(self, principal: str = "", limit: int = 0, key: str = "") -> AsyncIterator[float]:
         """Hold a run slot for the body; yields the seconds spent waiting. `limit` caps this principal's
-        concurrent runs (its policy's max_concurrent); waiting past it does not block other principals."""
+        concurrent runs (its policy's max_concurrent); waiting past it does not block other principals.
+        A waiter given a `key` can be turned away by withdraw(key)."""
         loop = asyncio.get_running_loop()
         start = loop.time()
         if self.closed is not None:
@@ -83,6 +85,8 @@ class Admission:
                                  f"{share}) and {self.running} running", retry_after=1.0)
             fut = loop.create_future()
             self.waiting.setdefault(principal, collections.deque()).append(fut)
+            if key:
+                self.keyed[key] = (principal, fut)
             try:
                 # asyncio.wait (unlike wait_for on 3.11) never swallows a cancellation that races the grant.
                 await asyncio.wait({fut}, timeout=self.max_wait)
@@ -93,6 +97,8 @@ class Admission:
                     fut.cancel()
                     self._forget(principal, fut)
                 raise
+            finally:
+                self.keyed.pop(key, None)
             if fut.done() and fut.exception() is not None:
                 raise fut.exception()
             if not fut.done():
@@ -145,6 +151,15 @@ class Admission:
             if not fut.done():
                 self.active[principal] += 1
                 fut.set_result(None)
+
+    def withdraw(self, key: str, err: Exception) -> bool:
+        """Turn one keyed waiter away with `err` (a stop); False when it is not waiting."""
+        principal, fut = self.keyed.pop(key, ("", None))
+        if fut is None or fut.done():
+            return False
+        fut.set_exception(err)
+        self._forget(principal, fut)
+        return True
 
     def close(self, err: Exception) -> None:
         """Shutdown: refuse every waiter (and every later request) with `err` instead of admitting it."""

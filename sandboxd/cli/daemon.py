@@ -160,7 +160,11 @@ async def serve(cfg: config_mod.Config, config_path: str | None = None, override
     pruner.cancel()
     await health_servicer.enter_graceful_shutdown()
     grace = daemon.config.server.shutdown_grace  # a reload may have changed it
-    log.info("shutting down: %d runs active, grace %gs", daemon.admission.running, grace)
+    log.info("shutting down: %d runs active, %d queued (refused), grace %gs", daemon.admission.running,
+             daemon.admission.queued, grace)
+    # Nothing starts after shutdown began: queued requests (and any still arriving) get UNAVAILABLE, recorded.
+    from ..errors import ShuttingDown
+    daemon.admission.close(ShuttingDown("sandboxd is shutting down: the run was not started; retry later"))
     # Stop accepting (new connections and new calls) at once; give running runs the grace period, then stop
     # them ourselves so their callers still get a result (outcome cancelled) before gRPC closes the calls.
     daemon.proxy.stop_listening()
@@ -229,7 +233,19 @@ def _overrides(args):
         server["runtime_dir"] = os.path.abspath(args.runtime_dir)
     if args.metrics_listen:
         server["metrics_listen"] = args.metrics_listen
-    return lambda cfg: dataclasses.replace(cfg, server=dataclasses.replace(cfg.server, **server)) if server else cfg
+
+    def apply(cfg):
+        if not server:
+            return cfg
+        cfg = dataclasses.replace(cfg, server=dataclasses.replace(cfg.server, **server))
+        # The file's own listen addresses were checked when it was read; these come from the command line.
+        for addr in cfg.server.listen:
+            if not addr.startswith("unix://") and cfg.tls is None and not cfg.server.insecure_tcp:
+                raise ConfigError(f"--listen {addr}: a TCP listener needs TLS: add [server.tls] cert and key to the "
+                                  f"configuration (or set server.insecure_tcp = true to accept plaintext TCP, where "
+                                  f"every caller must then send a token)")
+        return cfg
+    return apply
 
 
 def cmd_serve(args) -> int:

@@ -466,6 +466,18 @@ def test_a_tcp_listener_without_tls_or_insecure_tcp_refuses_to_start(tmp_path):
     assert not (tmp_path / "state").exists()  # refused before touching anything
 
 
+def test_serve_listen_flag_with_tcp_and_no_tls_refuses_to_start(tmp_path):
+    """--listen bypassed the file's check: a plaintext TCP listener opened though insecure_tcp was false."""
+    cfg = tmp_path / "sandboxd.toml"
+    cfg.write_text(f'[server]\nstate_dir = "{tmp_path}/state"\nruntime_dir = "{tmp_path}/run"\n')
+    p = subprocess.run([sys.executable, "-m", "sandboxd.cli.daemon", "serve", "--config", str(cfg),
+                        "--listen", f"unix://{tmp_path}/s.sock", "--listen", f"127.0.0.1:{free_port()}"],
+                       capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert p.returncode == 2, p.stderr
+    assert "--listen 127.0.0.1:" in p.stderr and "[server.tls]" in p.stderr and "insecure_tcp" in p.stderr
+    assert not (tmp_path / "state").exists()
+
+
 # -- client certificates ------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def mtls(daemons, pki):

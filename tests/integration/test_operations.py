@@ -256,8 +256,8 @@ def test_kill_9_daemon_then_the_launcher_cleans_up_and_a_restart_marks_runs_inte
     assert store_mod.verify(db_path(d2)).ok
 
 
-def test_kill_9_of_the_launcher_fails_the_run_and_a_new_launcher_takes_over(start_daemon):
-    """The in-flight run ends with an explanation (given to the caller and recorded); the daemon starts a new
+def test_kill_9_of_the_launcher_interrupts_the_run_and_a_new_launcher_takes_over(start_daemon):
+    """The in-flight run (its code had started) ends as interrupted, not setup_failed, with an explanation (given to the caller and recorded); the daemon starts a new
     launcher, which removes the dead one's cgroups, and keeps serving."""
     d = start_daemon()
     launcher = launcher_of(d)
@@ -269,12 +269,12 @@ def test_kill_9_of_the_launcher_fails_the_run_and_a_new_launcher_takes_over(star
         launcher.wait(10)
         s.join(20)
     assert s.error is None and s.result is not None, f"the caller got {s.error} instead of a result"
-    assert s.result.outcome == "setup_failed" and "launcher" in s.result.message, s.result
+    assert s.result.outcome == "interrupted" and "launcher" in s.result.message, s.result
     assert wait_for(lambda: "starting a new one" in d.log(), 10), d.log()[-3000:]
     with d.client() as c:
         assert wait_for(lambda: c.run("print(1)").ok, 20)
     rec = get_run(d, s.run_id)
-    assert rec["outcome"] == "setup_failed" and rec["message"] == s.result.message
+    assert rec["outcome"] == "interrupted" and rec["message"] == s.result.message
     # The dead launcher's run: no process (PR_SET_PDEATHSIG) and no cgroup (the new launcher's recover()).
     assert wait_for(lambda: not d.leftovers(), 10), d.leftovers()
     assert launcher_of(d).pid != launcher.pid

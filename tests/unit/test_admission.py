@@ -381,3 +381,28 @@ def test_close_refuses_the_waiters_and_later_requests():
         await running.done()
         assert adm.running == 0
     asyncio.run(main())
+
+
+def test_withdraw_turns_one_waiter_away_and_keeps_the_others():
+    async def main():
+        adm = Admission(max_concurrent=1, max_queue=10, max_wait=5.0)
+        running = Holder(adm, "a")
+        errors = {}
+
+        async def wait(key):
+            try:
+                async with adm.slot("b", key=key):
+                    errors[key] = None
+            except Overloaded as e:
+                errors[key] = e
+        first, second = asyncio.create_task(wait("r1")), asyncio.create_task(wait("r2"))
+        await _settle()
+        assert adm.queued == 2
+        assert adm.withdraw("r1", Overloaded("stopped by root"))
+        assert not adm.withdraw("nope", Overloaded("x"))
+        await first
+        assert str(errors["r1"]) == "stopped by root" and adm.queued == 1
+        await running.done()
+        await second
+        assert errors["r2"] is None and adm.running == 0 and not adm.keyed
+    asyncio.run(main())
