@@ -355,6 +355,51 @@ def test_admission_queue_full_and_queue_wait(start_daemon):
         assert c.run("print(1)").ok
 
 
+def queued_behind_one_run(d, ss, **kw) -> tuple[Stream, Stream]:
+    """A running LONG run holding the only slot (max_concurrent 1) and a second request waiting behind it."""
+    running = Stream(d, LONG, wall_time=60)
+    ss.append(running)
+    assert running.printed.wait(20), running.error
+    queued = Stream(d, "print('must never run')", **kw)
+    ss.append(queued)
+    assert queued.started.wait(20), queued.error
+    wait_for(lambda: get_run(d, queued.run_id), 10)
+    time.sleep(0.3)  # Started goes out just before the request joins the queue
+    return running, queued
+
+
+def test_a_request_whose_deadline_passes_in_the_queue_is_recorded_cancelled_at_once(start_daemon):
+    d = start_daemon('[admission]\nmax_concurrent = 1')
+    with streams() as ss:
+        running, queued = queued_behind_one_run(d, ss, timeout=2.0)
+        queued.join(30)
+        assert queued.error is not None and queued.error.code == "DEADLINE_EXCEEDED", queued.error
+        # Closed while the slot is still taken, not left open for a restart to call it interrupted.
+        rec = wait_record(d, queued.run_id)
+        assert not running.done.is_set()
+        assert rec["outcome"] == "cancelled" and "waiting for a run slot" in rec["message"], rec
+        with d.client() as c:
+            c.stop_run(running.run_id)
+        running.join(30)
+    assert store_mod.verify(db_path(d)).ok
+
+
+def test_sigterm_refuses_queued_requests_instead_of_starting_them(start_daemon):
+    d = start_daemon('[admission]\nmax_concurrent = 1')
+    with streams() as ss:
+        running, queued = queued_behind_one_run(d, ss, wall_time=60)
+        os.kill(d.proc.pid, signal.SIGTERM)
+        queued.join(30)
+        assert not running.done.is_set()  # refused during the grace period, not admitted after it
+        assert queued.error is not None and queued.error.code == "UNAVAILABLE", (queued.error, queued.events)
+        assert "shutting down" in queued.error.message and queued.stdout == b""
+        running.join(GRACE + 20)
+        assert d.proc.wait(20) == 0, d.log()[-3000:]
+    rec = get_run(d, queued.run_id)
+    assert rec["outcome"] == "rejected" and "shutting down" in rec["message"], rec
+    assert get_run(d, running.run_id)["outcome"] == "cancelled"
+
+
 # -- reload ----------------------------------------------------------------------------------------------------
 def test_sighup_reload_applies_to_new_runs_and_a_bad_file_keeps_the_running_config(start_daemon):
     # The sh runner sets no limits of its own, so [limits.default] is what its runs get.
