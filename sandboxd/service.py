@@ -725,3 +725,65 @@ def _record_msg(rec: dict) -> pb.RunRecord:
         received_at=str(rec.get("received_at") or ""), finished_at=str(rec.get("finished_at") or ""),
         policy=str(rec.get("policy") or ""), code_sha256=str(rec.get("code_sha256") or ""),
         record_json=json.dumps(rec, sort_keys=True, default=str))
+
+
+class RequestGuard(grpc.aio.ServerInterceptor):
+    """Serves every unary-request method as a stream-request one, so the handler reads its one message itself.
+
+    Left to grpc.aio, a body that does not deserialize ends as UNKNOWN with a traceback in the log, and a body
+    above gRPC's receive limit (server.max_request_bytes + 1 MiB) is refused before any handler runs: neither is
+    counted or recorded. Read here, both become refusals like any other: a status that names the problem
+    (INVALID_ARGUMENT, RESOURCE_EXHAUSTED), one log line, a count, and for Execute a run.denied record."""
+
+    def __init__(self, daemon: Daemon, receive_limit: int):
+        self.d, self.limit = daemon, receive_limit
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None or handler.request_streaming:
+            return handler
+        method = details.method.rsplit("/", 1)[-1]
+        deserialize = handler.request_deserializer
+        if handler.response_streaming:
+            behaviour = handler.unary_stream
+
+            async def stream(_requests, context):
+                request = await self._read(method, deserialize, context)
+                async for event in behaviour(request, context):
+                    yield event
+            return grpc.stream_stream_rpc_method_handler(stream, response_serializer=handler.response_serializer)
+        unary = handler.unary_unary
+
+        async def call(_requests, context):
+            return await unary(await self._read(method, deserialize, context), context)
+        return grpc.stream_unary_rpc_method_handler(call, response_serializer=handler.response_serializer)
+
+    async def _read(self, method: str, deserialize, context):
+        raw = await context.read()
+        if raw is grpc.aio.EOF:
+            err: SandboxError = TooLarge(
+                f"no request message arrived: larger than the {self.limit}-byte limit gRPC enforces "
+                f"(server.max_request_bytes + 1 MiB), or the client sent none")
+        else:
+            try:
+                return deserialize(raw) if deserialize else raw
+            except Exception as e:  # noqa: BLE001 - whatever the parser says, the caller sent a bad body
+                err = InvalidRequest(f"the request body ({len(raw)} bytes) is not a valid {method} request: {e}")
+        await self._refuse(method, context, err)
+
+    async def _refuse(self, method: str, context, err: SandboxError) -> None:
+        d = self.d
+        d.metrics.rejected(err.reason)
+        log.info("%s refused before it was read (%s): %s (peer %s)", method, err.reason, err, context.peer())
+        if method == "Execute":
+            run_id = new_run_id()
+            record = {"received_at": time.time(), "agent": claims_of(context.invocation_metadata()),
+                      "config_sha256": d.catalog.config_sha256, "peer": {"address": context.peer()}}
+            try:
+                principal = d.authenticator.authenticate(context)
+                record.update(principal=principal.as_record(), auth_method=principal.method, peer=principal.peer)
+            except Unauthenticated:
+                pass
+            await d.record("run_denied", run_id, {**record, "outcome": "rejected", "reason": err.reason,
+                                                  "message": str(err)})
+        await abort(context, err)

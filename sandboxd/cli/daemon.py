@@ -88,7 +88,7 @@ async def serve(cfg: config_mod.Config, config_path: str | None = None, override
     from grpc_health.v1 import health, health_pb2_grpc
     from grpc_reflection.v1alpha import reflection
 
-    from ..service import SandboxService
+    from ..service import RequestGuard, SandboxService
     from ..state import Daemon
     from ..v1 import sandbox_pb2, sandbox_pb2_grpc
 
@@ -100,9 +100,10 @@ async def serve(cfg: config_mod.Config, config_path: str | None = None, override
         await daemon.stop()
         raise ConfigError(f"server.metrics_listen: cannot listen on {cfg.server.metrics_listen!r}: {e}") from None
     limit = cfg.server.max_request_bytes + (1 << 20)
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit),
-                                      ("grpc.max_send_message_length", 4 << 20),
-                                      ("grpc.so_reuseport", 0)])
+    # RequestGuard reads each request itself, so bodies gRPC refuses (too large, undecodable) are counted too.
+    server = grpc.aio.server(interceptors=[RequestGuard(daemon, limit)],
+                             options=[("grpc.max_receive_message_length", limit),
+                                      ("grpc.max_send_message_length", 4 << 20), ("grpc.so_reuseport", 0)])
     sandbox_pb2_grpc.add_SandboxServicer_to_server(SandboxService(daemon), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
