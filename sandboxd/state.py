@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from typing import Awaitable, Callable
 
-from . import __version__, config as config_mod, runners as runners_mod
+from . import __version__, config as config_mod, runners as runners_mod, tls as tls_mod
 from .admission import Admission, RateLimiter, default_max_concurrent
 from .auth import Authenticator, UnixPeerProxy
 from .config import Config
@@ -106,6 +106,7 @@ class Daemon:
         self.store: Store | None = None
         self.rates = RateLimiter()
         self.proxy: UnixPeerProxy | None = None
+        self.tls = tls_mod.Rotation(tls_mod.load(cfg.tls), cfg.tls.require_client_cert) if cfg.tls else None
         self.tracked: dict[str, Tracked] = {}
         self.stop_hooks: list[StopHook] = [self.sessions.close_principal]  # StopPrincipal and suspensions
         self._background: set[asyncio.Future] = set()
@@ -168,6 +169,8 @@ class Daemon:
         try:
             new = overrides(await asyncio.to_thread(config_mod.load, path))
             catalog = await asyncio.to_thread(build_catalog, new)
+            tls = self._tls_reload(new)
+            tls_material = await asyncio.to_thread(tls_mod.load, new.tls) if tls else None
         except ConfigError as e:
             log.error("configuration reload refused, keeping the running one: %s", e)
             self.metrics.reloads.labels("failure").inc()
@@ -188,6 +191,8 @@ class Daemon:
                                         cgroup_parent_name=old.sandbox.cgroup_parent_name,
                                         cgroup_parent_path=old.sandbox.cgroup_parent_path))
         self.catalog = catalog
+        if tls_material is not None and self.tls.update(tls_material):
+            log.info("reload: new TLS connections use the server certificate and client CA read now")
         self.admission.reconfigure(min(new.admission.max_concurrent or default_max_concurrent(),
                                        self._run_uids(self.config)),
                                    new.admission.max_queue, new.admission.max_queue_wait,
@@ -246,6 +251,17 @@ class Daemon:
             except Exception:  # noqa: BLE001 - one failing hook must not keep the others from stopping
                 log.exception("stop hook %r failed for principal %s", hook, principal)
         return runs, sessions
+
+    def _tls_reload(self, new: Config) -> bool:
+        """Whether the reload rotates TLS material. The listeners' TLS and require_client_cert are fixed at start:
+        a change to them refuses the whole reload, naming the key, rather than being silently ignored."""
+        old = self.config.tls
+        if (old is None) != (new.tls is None):
+            raise ConfigError(f"server.tls: {'adding' if old is None else 'removing'} TLS needs a restart "
+                              f"(the listeners are created at start)")
+        if old is not None and old.require_client_cert != new.tls.require_client_cert:
+            raise ConfigError("server.tls.require_client_cert: changes only on restart")
+        return new.tls is not None and self.tls is not None
 
     async def healthy(self) -> tuple[bool, str]:
         """Serving only when the launcher answers, cgroups are usable and the store takes writes."""

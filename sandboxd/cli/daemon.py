@@ -40,15 +40,6 @@ def _prepare_socket(path: str) -> None:
     os.unlink(path)  # a stale socket from a previous daemon
 
 
-def _tls_credentials(tls) -> grpc.ServerCredentials:
-    def read(path: str) -> bytes:
-        with open(path, "rb") as f:
-            return f.read()
-    return grpc.ssl_server_credentials([(read(tls.key), read(tls.cert))],
-                                       root_certificates=read(tls.client_ca) if tls.client_ca else None,
-                                       require_client_auth=tls.require_client_cert)
-
-
 async def _prune_forever(daemon) -> None:
     while True:
         try:
@@ -124,8 +115,8 @@ async def serve(cfg: config_mod.Config, config_path: str | None = None, override
             if path is not None:
                 _prepare_socket(path)
                 sockets.append(path)
-            elif cfg.tls is not None:
-                server.add_secure_port(addr, _tls_credentials(cfg.tls))
+            elif daemon.tls is not None:  # rotated on SIGHUP (sandboxd/tls.py)
+                server.add_secure_port(addr, daemon.tls.credentials())
             else:  # allowed by config only with insecure_tcp = true; the authenticator then demands tokens
                 log.warning("listening on %s WITHOUT TLS (server.insecure_tcp): tokens cross the network in clear",
                             addr)

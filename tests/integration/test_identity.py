@@ -16,6 +16,7 @@ import os
 import pathlib
 import re
 import shutil
+import signal
 import socket
 import sqlite3
 import subprocess
@@ -453,6 +454,54 @@ def test_insecure_tcp_still_demands_a_token(daemons):
         r = c.run("print('ok')")
         rec = c.get_run(r.run_id)
     assert r.stdout == b"ok\n" and (rec["principal"], rec["auth_method"]) == ("ci-bot", "token")
+
+
+def test_sighup_rotates_the_server_certificate_and_refuses_tls_changes_it_cannot_apply(daemons, pki):
+    """The same cert/key paths with new contents (how certificates are usually renewed): after SIGHUP, new
+    connections get the new certificate. require_client_cert cannot change on a live listener: refused, named."""
+    files = daemons.workdir()
+    for name in ("server.pem", "server.key"):
+        shutil.copy(pki.path / name, files / name)
+    pki.ca("ca2")
+    pki.cert("ca2", "server2", "localhost", "serverAuth", "IP:127.0.0.1,DNS:localhost")
+    token, lines = cli_token("ci-bot")
+    port = free_port()
+    d = daemons.start(tcp=(f"127.0.0.1:{port}",),
+                      server=f'[server.tls]\ncert = "{files}/server.pem"\nkey = "{files}/server.key"\n',
+                      rest=f'{lines}\n[[policies]]\nname = "ci"\nprincipals = ["ci-bot"]\n')
+
+    def connects(ca: str) -> bool:
+        # A channel of its own, so each call makes a new connection and a new handshake.
+        with Client(f"127.0.0.1:{port}", tls_ca=str(pki.path / ca), token=token, tls_server_name="localhost",
+                    options=[("grpc.use_local_subchannel_pool", 1)]) as c:
+            try:
+                c.runners(timeout=10)
+                return True
+            except SandboxdError as e:
+                assert e.code == "UNAVAILABLE", e
+                return False
+    assert connects("ca.pem") and not connects("ca2.pem")
+    for name in ("pem", "key"):
+        shutil.copy(pki.path / f"server2.{name}", files / f"server.{name}")
+    os.kill(d.proc.pid, signal.SIGHUP)
+    assert wait_until(lambda: "new TLS connections use" in d.log()), d.log()[-2000:]
+    assert connects("ca2.pem") and not connects("ca.pem")
+    # What cannot change on a running listener refuses the reload, naming the key; the rotation stays.
+    d.config_path.write_text(d.config_path.read_text().replace(
+        "[server.tls]\n", f'[server.tls]\nclient_ca = "{pki.path}/ca.pem"\nrequire_client_cert = true\n'))
+    os.kill(d.proc.pid, signal.SIGHUP)
+    assert wait_until(lambda: "reload refused" in d.log()), d.log()[-2000:]
+    assert "server.tls.require_client_cert: changes only on restart" in d.log()
+    assert connects("ca2.pem")
+
+
+def wait_until(predicate, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 def test_a_tcp_listener_without_tls_or_insecure_tcp_refuses_to_start(tmp_path):
