@@ -140,6 +140,10 @@ class Daemon:
         interrupted = await self._call(lambda: self.store.mark_interrupted("daemon restarted during the run"))
         if interrupted:
             log.warning("marked %d runs and sessions interrupted by a previous daemon's exit", len(interrupted))
+            for run_id in interrupted:  # runs are counted like any other end of a run
+                rec = await self._call(self.store.get_run, run_id) or {}
+                if rec.get("kind") != "session":
+                    self.metrics.runs.labels(str(rec.get("runner") or "-"), "interrupted").inc()
         self.sessions.start()
         await self._call(self.store.append, "config.loaded", {
             "source": self.config.source, "config_sha256": self.catalog.config_sha256, "version": __version__,
