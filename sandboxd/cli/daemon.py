@@ -1,8 +1,9 @@
 """`sandboxd`: serve, check-config, audit. Runs the daemon in the foreground (systemd or `make run` supervise it).
 
 Start-up order matters: configuration and seccomp programs first (fail fast on a bad file), then the launcher
-(before any gRPC thread exists), then the store, then the gRPC server. SIGTERM/SIGINT stop accepting, let
-running runs finish within the grace period, stop the rest (recorded), and exit 0.
+(before any gRPC thread exists), then the store, then the gRPC server. SIGTERM/SIGINT stop accepting, refuse
+requests still queued (UNAVAILABLE, recorded), let running runs finish within the grace period, stop the rest
+(recorded), and exit 0.
 """
 from __future__ import annotations
 

@@ -8,10 +8,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import sqlite3
 import threading
 import time
+import urllib.request
 
 import grpc
 import psutil
@@ -253,6 +255,9 @@ def test_kill_9_daemon_then_the_launcher_cleans_up_and_a_restart_marks_runs_inte
         rec = get_run(d2, s.run_id)
         assert rec["outcome"] == "interrupted", rec
     assert len(events(d2, "run.interrupted")) == 3
+    port = re.search(r"metrics http://127\.0\.0\.1:(\d+)", d2.log()).group(1)
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    assert 'sandboxd_runs_total{outcome="interrupted",runner="python"} 3.0' in metrics, metrics
     assert store_mod.verify(db_path(d2)).ok
 
 
