@@ -50,7 +50,8 @@ class Output:
 @dataclass(frozen=True)
 class Result:
     run_id: str
-    outcome: str         # exited, signaled, timeout, memory_limit, output_limit, cancelled, rejected, setup_failed
+    outcome: str         # exited, signaled, timeout, memory_limit, output_limit, cancelled, rejected, setup_failed,
+                         # interrupted (the sandbox was lost after the code started)
     exit_code: int
     signal: int
     cpu_time: float      # seconds
@@ -239,3 +240,12 @@ for _cls in (SandboxdError, FileError, Started, Output, Result, RunnerInfo, Sess
              CodeError, CodeResult, CodeRun, FileResult, FileInfo, ImportResult):
     _cls.__module__ = "sandboxd.client"
 del _cls
+
+
+@dataclass(frozen=True)
+class StopResult:
+    """What Client.stop_run / stop_principal stopped."""
+
+    runs_stopped: int
+    sessions_closed: int
+    message: str

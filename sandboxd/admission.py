@@ -32,6 +32,8 @@ class Admission:
         self.active: collections.Counter[str] = collections.Counter()
         self.limits: dict[str, int] = {}
         self.waiting: dict[str, collections.deque[asyncio.Future]] = collections.OrderedDict()
+        self.closed: Exception | None = None
+        self.keyed: dict[str, tuple[str, asyncio.Future]] = {}   # waiters a stop can name (run ids)
 
     def reconfigure(self, max_concurrent: int, max_queue: int, max_wait: float,
                     max_queue_per_principal: int = 0) -> None:
@@ -56,11 +58,14 @@ class Admission:
         return self.running < self.max_concurrent and (not limit or self.active[principal] < limit)
 
     @contextlib.asynccontextmanager
-    async def slot(self, principal: str = "", limit: int = 0) -> AsyncIterator[float]:
+    async def slot(self, principal: str = "", limit: int = 0, key: str = "") -> AsyncIterator[float]:
         """Hold a run slot for the body; yields the seconds spent waiting. `limit` caps this principal's
-        concurrent runs (its policy's max_concurrent); waiting past it does not block other principals."""
+        concurrent runs (its policy's max_concurrent); waiting past it does not block other principals.
+        A waiter given a `key` can be turned away by withdraw(key)."""
         loop = asyncio.get_running_loop()
         start = loop.time()
+        if self.closed is not None:
+            raise self.closed
         if limit:
             self.limits[principal] = limit
         # Waiters that could use a free slot are granted the moment it frees (see _grant), so anyone still
@@ -80,16 +85,22 @@ class Admission:
                                  f"{share}) and {self.running} running", retry_after=1.0)
             fut = loop.create_future()
             self.waiting.setdefault(principal, collections.deque()).append(fut)
+            if key:
+                self.keyed[key] = (principal, fut)
             try:
                 # asyncio.wait (unlike wait_for on 3.11) never swallows a cancellation that races the grant.
                 await asyncio.wait({fut}, timeout=self.max_wait)
             except asyncio.CancelledError:
-                if fut.done() and not fut.cancelled():
+                if fut.done() and not fut.cancelled() and fut.exception() is None:
                     self._release(principal)  # granted just as the caller gave up: pass the slot on
                 else:
                     fut.cancel()
                     self._forget(principal, fut)
                 raise
+            finally:
+                self.keyed.pop(key, None)
+            if fut.done() and fut.exception() is not None:
+                raise fut.exception()
             if not fut.done():
                 fut.cancel()
                 self._forget(principal, fut)
@@ -123,21 +134,42 @@ class Admission:
             self.limits.pop(principal, None)
 
     def _grant(self) -> None:
-        """Hand free slots to waiters, one principal at a time in rotation."""
-        for _ in range(len(self.waiting)):
-            if self.running >= self.max_concurrent or not self.waiting:
-                return
+        """Hand free slots to waiters, one principal at a time in rotation, until the slots are full or a
+        whole round finds nobody who may run (several slots can free at once: a reload raising max_concurrent)."""
+        skipped = 0
+        while self.waiting and skipped < len(self.waiting) and self.running < self.max_concurrent:
             principal, q = next(iter(self.waiting.items()))
             self.waiting.move_to_end(principal)  # next grant goes to the next principal
             limit = self._limit(principal)
             if limit and self.active[principal] >= limit:
+                skipped += 1
                 continue
+            skipped = 0
             fut = q.popleft()
             if not q:
                 del self.waiting[principal]
             if not fut.done():
                 self.active[principal] += 1
                 fut.set_result(None)
+
+    def withdraw(self, key: str, err: Exception) -> bool:
+        """Turn one keyed waiter away with `err` (a stop); False when it is not waiting."""
+        principal, fut = self.keyed.pop(key, ("", None))
+        if fut is None or fut.done():
+            return False
+        fut.set_exception(err)
+        self._forget(principal, fut)
+        return True
+
+    def close(self, err: Exception) -> None:
+        """Shutdown: refuse every waiter (and every later request) with `err` instead of admitting it."""
+        self.closed = err
+        for principal, q in list(self.waiting.items()):
+            for fut in q:
+                if not fut.done():
+                    fut.set_exception(err)
+            del self.waiting[principal]
+            self._tidy(principal)
 
 
 class RateLimiter:

@@ -5,7 +5,9 @@ Three ways, one result (a Principal):
 - Unix socket: the caller's uid, gid and pid from SO_PEERCRED. grpcio does not expose peer credentials, so
   the public unix sockets are served by a small relay (UnixPeerProxy): it accepts each connection, reads
   SO_PEERCRED, and forwards the bytes to the real gRPC server on a private socket (in a root-only directory)
-  from a client socket bound to a fresh, unguessable abstract address. gRPC reports that address as the peer
+  from a client socket bound to a fresh, unguessable abstract address (128 random bits per connection: the
+  daemon's prefix is visible in /proc/net/unix, so a predictable suffix would let any local user bind the next
+  names first and make the relay drop other callers' connections). gRPC reports that address as the peer
   ("unix-abstract:..."), which maps back to the credentials. Only root can reach the private socket, so no
   caller can pick its own address.
 - TLS with client certificates (mTLS): the certificate's URI SAN (e.g. spiffe://example.org/agent/triage),
@@ -22,6 +24,7 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime as dt
+import errno
 import grp
 import hashlib
 import hmac
@@ -217,7 +220,6 @@ class UnixPeerProxy:
         self.peers: dict[str, PeerCred] = {}
         self.servers: list[asyncio.AbstractServer] = []
         self.tasks: set[asyncio.Task] = set()
-        self._n = 0
 
     def lookup(self, address: str) -> PeerCred | None:
         return self.peers.get(address) if address.startswith(self.prefix) else None
@@ -242,13 +244,11 @@ class UnixPeerProxy:
         task = asyncio.current_task()
         self.tasks.add(task)
         sock = writer.get_extra_info("socket")
-        self._n += 1
-        name = f"{self.prefix}{self._n}"
-        upstream_writer = None
+        name, up, upstream_writer = "", None, None
         try:
-            self.peers[name] = _peer_cred(sock)
-            up = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            up.bind("\0" + name)
+            cred = _peer_cred(sock)
+            up, name = _bind_unguessable(self.prefix)
+            self.peers[name] = cred
             up.setblocking(False)
             await asyncio.get_running_loop().sock_connect(up, self.upstream)
             up_reader, upstream_writer = await asyncio.open_unix_connection(sock=up, limit=1 << 20)
@@ -260,7 +260,25 @@ class UnixPeerProxy:
             for w in (writer, upstream_writer):
                 if w is not None:
                     w.close()
+            if upstream_writer is None and up is not None:
+                up.close()
             self.tasks.discard(task)
+
+
+def _bind_unguessable(prefix: str, attempts: int = 8) -> tuple[socket.socket, str]:
+    """A unix socket bound to prefix + 128 random bits. A taken name (which nobody can predict, so only chance or
+    a bug) is retried with a fresh one rather than dropping the caller's connection."""
+    for _ in range(attempts):
+        name = f"{prefix}{secrets.token_hex(16)}"
+        up = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            up.bind("\0" + name)
+            return up, name
+        except OSError as e:
+            up.close()
+            if e.errno != errno.EADDRINUSE:
+                raise
+    raise OSError(errno.EADDRINUSE, f"no free relay address after {attempts} attempts")
 
 
 async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

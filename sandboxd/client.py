@@ -36,13 +36,13 @@ import grpc
 from . import _convert as _c
 from ._convert import DEFAULT_TARGET, OUTCOMES  # noqa: F401  (public since the first release)
 from ._types import (CodeError, CodeResult, CodeRun, ExecResult, FileError, FileInfo, FileResult, ImportResult,
-                     Output, Result, RichResult, RunnerInfo, SandboxdError, SessionInfo, Started)
+                     Output, Result, RichResult, RunnerInfo, SandboxdError, SessionInfo, Started, StopResult)
 from .v1 import sandbox_pb2 as pb
 from .v1 import sandbox_pb2_grpc as pb_grpc
 
 __all__ = ["Client", "Session", "Process", "SandboxdError", "FileError", "Started", "Output", "Result",
            "RunnerInfo", "SessionInfo", "ExecResult", "RichResult", "CodeError", "CodeResult", "CodeRun",
-           "FileResult", "FileInfo", "ImportResult", "DEFAULT_TARGET"]
+           "FileResult", "FileInfo", "ImportResult", "StopResult", "DEFAULT_TARGET"]
 
 UNARY_TIMEOUT = 30.0   # seconds; the deadline of calls that move no payload (stat, list, close...)
 
@@ -140,6 +140,20 @@ class Client:
 
     def runners(self, timeout: float | None = 10) -> list[RunnerInfo]:
         return [_c.runner_info(r) for r in self._unary("ListRunners", pb.ListRunnersRequest(), timeout).runners]
+
+    # ---- the stop button -------------------------------------------------------------------------------------
+
+    def stop_run(self, run_id: str, reason: str = "", timeout: float | None = 10) -> StopResult:
+        """Stop one run in flight (admins: any; others: their own). It ends with outcome cancelled and the
+        message "stopped by <you>: <reason>". A run that is not in flight raises SandboxdError NOT_FOUND."""
+        msg = self._unary("StopRun", pb.StopRunRequest(run_id=run_id, reason=reason), timeout)
+        return StopResult(msg.runs_stopped, msg.sessions_closed, msg.message)
+
+    def stop_principal(self, principal: str = "", reason: str = "", timeout: float | None = 10) -> StopResult:
+        """Stop every run and session of `principal` (default: yourself; another principal needs the admin
+        role, else SandboxdError PERMISSION_DENIED)."""
+        msg = self._unary("StopPrincipal", pb.StopPrincipalRequest(principal=principal, reason=reason), timeout)
+        return StopResult(msg.runs_stopped, msg.sessions_closed, msg.message)
 
     # ---- sessions --------------------------------------------------------------------------------------------
 

@@ -56,6 +56,7 @@ class PrincipalEntry:
     cert_ids: tuple[str, ...] = ()
     groups: tuple[str, ...] = ()
     roles: tuple[str, ...] = ()
+    suspended: bool = False              # refused (PERMISSION_DENIED) and its runs stopped; applied on reload
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,9 @@ class Identity:
 
     def match_cert(self, cert_id: str) -> PrincipalEntry | None:
         return next((p for p in self.principals if cert_id in p.cert_ids), None)
+
+    def suspended(self) -> frozenset[str]:
+        return frozenset(p.name for p in self.principals if p.suspended)
 
 
 def default_identity() -> Identity:
@@ -433,7 +437,8 @@ def _identity(path: str, top: _Reader, max_limits: Limits) -> Identity:
         principals.append(PrincipalEntry(
             name=name, unix_uids=tuple(uids), unix_users=r.get("unix_users", "strs", ()),
             unix_groups=r.get("unix_groups", "strs", ()), cert_ids=r.get("cert_ids", "strs", ()),
-            groups=r.get("groups", "strs", ()), roles=r.get("roles", "strs", ())))
+            groups=r.get("groups", "strs", ()), roles=r.get("roles", "strs", ()),
+            suspended=r.get("suspended", "bool", False)))
         r.done()
     for i, t in enumerate(_list_of_tables(path, top, "tokens")):
         r = _Reader(path, t, f"tokens[{i}].")

@@ -65,3 +65,20 @@ class ConfigError(SandboxError):
     """A configuration file is invalid. The message names the file, the key and what was expected."""
 
     reason = "config"
+
+
+class ShuttingDown(SandboxError):
+    """The daemon is draining (SIGTERM): requests still waiting for a slot are turned away, never started."""
+
+    reason = "shutting_down"
+
+
+class Stopped(SandboxError):
+    """An operator (or the caller itself) stopped the request while it waited for a slot (StopRun,
+    StopPrincipal, a suspension). The run ends with outcome cancelled; the message names who stopped it."""
+
+    reason = "stopped"
+
+
+class Suspended(NotAllowed):
+    """The caller's principal is suspended in the configuration (`suspended = true`)."""

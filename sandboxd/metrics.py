@@ -13,7 +13,7 @@ disable_created_metrics()  # *_created series double the exposition and no dashb
 
 BUCKETS_FAST = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 BUCKETS_RUN = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
-REJECT_REASONS = ("unauthenticated", "permission_denied", "queue_full", "rate_limited", "invalid")
+REJECT_REASONS = ("unauthenticated", "permission_denied", "queue_full", "rate_limited", "invalid", "shutting_down")
 
 
 class Metrics:

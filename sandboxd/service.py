@@ -22,9 +22,9 @@ import grpc
 from . import policy, sessions as sessions_mod, wire
 from .auth import Principal, Unauthenticated, claims_of
 from .config import ENV_NAME_RE
-from .errors import (InvalidRequest, NotAllowed, NotFound, Overloaded, SandboxError, SetupFailed, TooLarge,
-                     Unavailable)
-from .state import Daemon
+from .errors import (InvalidRequest, NotAllowed, NotFound, Overloaded, SandboxError, SetupFailed, ShuttingDown,
+                     Stopped, Suspended, TooLarge, Unavailable)
+from .state import Daemon, Tracked
 from .supervisor import Outcome, RunResult
 from .v1 import sandbox_pb2 as pb
 from .v1 import sandbox_pb2_grpc as pb_grpc
@@ -40,6 +40,7 @@ STATUS = {
     NotAllowed: grpc.StatusCode.PERMISSION_DENIED,
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     SetupFailed: grpc.StatusCode.INTERNAL,
+    ShuttingDown: grpc.StatusCode.UNAVAILABLE,
 }
 # Per-path file errors, as the status of a single-path call (StatFile, ListFiles, ExportWorkspace...).
 FILE_STATUS = {"not_found": grpc.StatusCode.NOT_FOUND, "permission_denied": grpc.StatusCode.PERMISSION_DENIED,
@@ -80,8 +81,10 @@ class SessionService:
 
     async def _principal(self, context) -> Principal:
         try:
-            return self.d.authenticator.authenticate(context)
-        except Unauthenticated as err:
+            principal = self.d.authenticator.authenticate(context)
+            self._check_suspended(principal)
+            return principal
+        except (Unauthenticated, Suspended) as err:
             self.d.metrics.rejected(err.reason)
             await abort(context, err)
 
@@ -125,6 +128,7 @@ class SessionService:
         try:
             principal = d.authenticator.authenticate(context)
             record.update(principal=principal.as_record(), auth_method=principal.method, peer=principal.peer)
+            self._check_suspended(principal)
             allowed = policy.authorize(principal, request.runner, cfg.identity)
             record["policy"] = allowed.name
             if not allowed.sessions:
@@ -543,11 +547,7 @@ class SandboxService(SessionService, pb_grpc.SandboxServicer):
         self.d = daemon
 
     async def ListRunners(self, request, context):
-        try:
-            self.d.authenticator.authenticate(context)
-        except Unauthenticated as err:
-            self.d.metrics.rejected(err.reason)
-            await abort(context, err)
+        await self._reader(context)
         return wire.runners_response(self.d.catalog.runners)
 
     async def Execute(self, request: pb.ExecuteRequest, context: grpc.aio.ServicerContext):
@@ -561,6 +561,7 @@ class SandboxService(SessionService, pb_grpc.SandboxServicer):
         try:
             principal = d.authenticator.authenticate(context)
             record.update(principal=principal.as_record(), auth_method=principal.method, peer=principal.peer)
+            self._check_suspended(principal)
             req = wire.to_request(request)
             allowed = policy.authorize(principal, req.runner, cfg.identity)
             record["policy"] = allowed.name
@@ -595,18 +596,37 @@ class SandboxService(SessionService, pb_grpc.SandboxServicer):
         await d.record("run_requested", run_id, record)
         log.info("run %s accepted: %s runs %s under policy %s", run_id, principal.id, runner.name, allowed.name,
                  extra={"run_id": run_id})
-        yield wire.started_event(run_id)
+        t = d.tracked[run_id] = Tracked(principal.id)
+        ended = False  # once True, the end of the run is recorded by whoever set it
         try:
-            async with d.admission.slot(principal.id, allowed.max_concurrent) as waited:
+            yield wire.started_event(run_id)
+            async with d.admission.slot(principal.id, allowed.max_concurrent, key=run_id) as waited:
                 d.metrics.queue_wait(waited)
-                async for event in self._run(spec, req.stdin, accepted, runner.name, allowed.store_output):
+                if t.stopped:
+                    raise Stopped(t.stopped)
+                ended = True
+                async for event in self._run(spec, req.stdin, accepted, runner.name, allowed.store_output, t):
                     yield event
-        except Overloaded as err:
+        except Stopped as err:  # stopped while it waited: nothing ran
+            ended = True
+            result = RunResult(run_id, Outcome.CANCELLED, message=str(err))
+            await d.finish(run_id, result, runner.name)
+            yield wire.result_event(result, spec.limits)
+        except (Overloaded, ShuttingDown) as err:
+            ended = True
             d.metrics.rejected(err.reason)
             await d.finish(run_id, RunResult(run_id, Outcome.REJECTED, message=str(err)), runner.name)
             await abort(context, err)
+        finally:
+            d.tracked.pop(run_id, None)
+            if not ended:
+                # The client went away or its deadline passed before a slot was granted: the record ends now,
+                # in a task of its own (this one is being cancelled or closed).
+                d.spawn(d.finish(run_id, RunResult(run_id, Outcome.CANCELLED, message="cancelled by the client "
+                                                   "(gone or past its deadline) while waiting for a run slot"),
+                                 runner.name))
 
-    async def _run(self, spec, stdin: bytes, accepted: float, runner: str, store_output: bool):
+    async def _run(self, spec, stdin: bytes, accepted: float, runner: str, store_output: bool, t: Tracked):
         d = self.d
         try:
             run = await d.supervisor.start(spec, stdin, accepted, keep_output=d.STORED_OUTPUT if store_output else 0)
@@ -615,6 +635,10 @@ class SandboxService(SessionService, pb_grpc.SandboxServicer):
             await d.finish(spec.run_id, result, runner)
             yield wire.result_event(result, spec.limits)
             return
+        t.run = run
+        if t.stopped:  # a stop arrived while the sandbox was being built
+            run.stop_message = t.stopped
+            await run.cancel("stopped", drain=False)
         finisher = asyncio.ensure_future(self._finish(run, runner))
         streamed = False
         try:
@@ -636,11 +660,19 @@ class SandboxService(SessionService, pb_grpc.SandboxServicer):
         await self.d.finish(run.spec.run_id, result, runner)
         return result
 
+    def _check_suspended(self, principal: Principal) -> None:
+        if self.d.suspended(principal.id):
+            raise Suspended(f"principal {principal.id!r} is suspended (suspended = true in the configuration); "
+                            f"ask an operator to lift the suspension")
+
     # -- records -----------------------------------------------------------------------------------------
     async def _reader(self, context) -> Principal:
+        """Authenticated and not suspended, or the call ends here with the status saying why."""
         try:
-            return self.d.authenticator.authenticate(context)
-        except Unauthenticated as err:
+            principal = self.d.authenticator.authenticate(context)
+            self._check_suspended(principal)
+            return principal
+        except (Unauthenticated, Suspended) as err:
             self.d.metrics.rejected(err.reason)
             await abort(context, err)
 
@@ -671,6 +703,28 @@ class SandboxService(SessionService, pb_grpc.SandboxServicer):
         return pb.ListRunsResponse(runs=[_record_msg(r) for r in rows],
                                    next_page_token=rows[-1]["cursor"] if more and rows else "")
 
+    # -- the stop button: authenticate -> authorize -> act -> record (Daemon.stop_run / stop_principal) ----
+    async def StopRun(self, request: pb.StopRunRequest, context):
+        caller = await self._reader(context)
+        t = self.d.tracked.get(request.run_id) if request.run_id else None
+        if t is None or not (caller.is_admin or t.principal == caller.id):
+            # Another principal's run reads as absent, as in GetRun: ids of others' runs leak nothing.
+            await abort(context, NotFound(f"run {request.run_id!r} is not in flight (finished, unknown or not yours)"))
+        stopped = await self.d.stop_run(request.run_id, caller.id, request.reason[:256])
+        return pb.StopResponse(runs_stopped=int(stopped), message=(
+            f"run {request.run_id} {t.stopped}" if stopped else f"run {request.run_id} was already stopping"))
+
+    async def StopPrincipal(self, request: pb.StopPrincipalRequest, context):
+        caller = await self._reader(context)
+        target = request.principal or caller.id
+        if target != caller.id and not caller.is_admin:
+            self.d.metrics.rejected(NotAllowed.reason)
+            await abort(context, NotAllowed(f"only principals with the admin role may stop another principal "
+                                            f"({target!r}); you are {caller.id!r}"))
+        runs, sessions = await self.d.stop_principal(target, caller.id, request.reason[:256])
+        return pb.StopResponse(runs_stopped=runs, sessions_closed=sessions,
+                               message=f"{target}: {runs} runs stopped, {sessions} sessions closed")
+
 
 def _record_msg(rec: dict) -> pb.RunRecord:
     agent = rec.get("agent") or {}
@@ -683,3 +737,65 @@ def _record_msg(rec: dict) -> pb.RunRecord:
         received_at=str(rec.get("received_at") or ""), finished_at=str(rec.get("finished_at") or ""),
         policy=str(rec.get("policy") or ""), code_sha256=str(rec.get("code_sha256") or ""),
         record_json=json.dumps(rec, sort_keys=True, default=str))
+
+
+class RequestGuard(grpc.aio.ServerInterceptor):
+    """Serves every unary-request method as a stream-request one, so the handler reads its one message itself.
+
+    Left to grpc.aio, a body that does not deserialize ends as UNKNOWN with a traceback in the log, and a body
+    above gRPC's receive limit (server.max_request_bytes + 1 MiB) is refused before any handler runs: neither is
+    counted or recorded. Read here, both become refusals like any other: a status that names the problem
+    (INVALID_ARGUMENT, RESOURCE_EXHAUSTED), one log line, a count, and for Execute a run.denied record."""
+
+    def __init__(self, daemon: Daemon, receive_limit: int):
+        self.d, self.limit = daemon, receive_limit
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None or handler.request_streaming:
+            return handler
+        method = details.method.rsplit("/", 1)[-1]
+        deserialize = handler.request_deserializer
+        if handler.response_streaming:
+            behaviour = handler.unary_stream
+
+            async def stream(_requests, context):
+                request = await self._read(method, deserialize, context)
+                async for event in behaviour(request, context):
+                    yield event
+            return grpc.stream_stream_rpc_method_handler(stream, response_serializer=handler.response_serializer)
+        unary = handler.unary_unary
+
+        async def call(_requests, context):
+            return await unary(await self._read(method, deserialize, context), context)
+        return grpc.stream_unary_rpc_method_handler(call, response_serializer=handler.response_serializer)
+
+    async def _read(self, method: str, deserialize, context):
+        raw = await context.read()
+        if raw is grpc.aio.EOF:
+            err: SandboxError = TooLarge(
+                f"no request message arrived: larger than the {self.limit}-byte limit gRPC enforces "
+                f"(server.max_request_bytes + 1 MiB), or the client sent none")
+        else:
+            try:
+                return deserialize(raw) if deserialize else raw
+            except Exception as e:  # noqa: BLE001 - whatever the parser says, the caller sent a bad body
+                err = InvalidRequest(f"the request body ({len(raw)} bytes) is not a valid {method} request: {e}")
+        await self._refuse(method, context, err)
+
+    async def _refuse(self, method: str, context, err: SandboxError) -> None:
+        d = self.d
+        d.metrics.rejected(err.reason)
+        log.info("%s refused before it was read (%s): %s (peer %s)", method, err.reason, err, context.peer())
+        if method == "Execute":
+            run_id = new_run_id()
+            record = {"received_at": time.time(), "agent": claims_of(context.invocation_metadata()),
+                      "config_sha256": d.catalog.config_sha256, "peer": {"address": context.peer()}}
+            try:
+                principal = d.authenticator.authenticate(context)
+                record.update(principal=principal.as_record(), auth_method=principal.method, peer=principal.peer)
+            except Unauthenticated:
+                pass
+            await d.record("run_denied", run_id, {**record, "outcome": "rejected", "reason": err.reason,
+                                                  "message": str(err)})
+        await abort(context, err)

@@ -17,12 +17,13 @@ import pathlib
 import socket
 import time
 from dataclasses import dataclass
+from typing import Awaitable, Callable
 
-from . import __version__, config as config_mod, runners as runners_mod
+from . import __version__, config as config_mod, runners as runners_mod, tls as tls_mod
 from .admission import Admission, RateLimiter, default_max_concurrent
 from .auth import Authenticator, UnixPeerProxy
 from .config import Config
-from .errors import ConfigError
+from .errors import ConfigError, Stopped
 from .metrics import Metrics
 from .runners import Runner
 from .sandbox import cgroups, landlock, namespaces, seccomp
@@ -30,7 +31,7 @@ from .sandbox.launcher import Launcher
 from .sandbox.spec import ImageSpec, SeccompProgram
 from .store import Store
 from .sessions import SessionManager
-from .supervisor import RunResult, Supervisor, UidPool
+from .supervisor import ActiveRun, RunResult, Supervisor, UidPool
 
 log = logging.getLogger("sandboxd")
 
@@ -64,6 +65,23 @@ def build_catalog(cfg: Config) -> Catalog:
     return Catalog(runners, images, profiles, digest.hexdigest())
 
 
+@dataclass
+class Tracked:
+    """A run from acceptance to its record, so a stop can reach it whether it waits for a slot or runs."""
+
+    principal: str
+    run: ActiveRun | None = None
+    stopped: str = ""           # "stopped by <who>: <reason>" once a stop reached it
+
+
+# A session manager's stop: (principal, who asked, reason) -> how many sessions it closed.
+StopHook = Callable[[str, str, str], Awaitable[int]]
+
+
+def stop_message(who: str, reason: str) -> str:
+    return f"stopped by {who}: {reason}" if reason else f"stopped by {who}"
+
+
 class Daemon:
     STORED_OUTPUT = 256 << 10   # bytes of each stream kept in the record when the policy stores output
 
@@ -91,6 +109,10 @@ class Daemon:
         self.store: Store | None = None
         self.rates = RateLimiter()
         self.proxy: UnixPeerProxy | None = None
+        self.tls = tls_mod.Rotation(tls_mod.load(cfg.tls), cfg.tls.require_client_cert) if cfg.tls else None
+        self.tracked: dict[str, Tracked] = {}
+        self.stop_hooks: list[StopHook] = [self.sessions.close_principal]  # StopPrincipal and suspensions
+        self._background: set[asyncio.Future] = set()
         abi, needed = landlock.abi_version(), cfg.sandbox.landlock_required_abi
         if abi < needed:
             log.warning("the kernel's Landlock ABI is %s but [sandbox] requires %d: every run will fail closed "
@@ -124,6 +146,10 @@ class Daemon:
         interrupted = await self._call(lambda: self.store.mark_interrupted("daemon restarted during the run"))
         if interrupted:
             log.warning("marked %d runs and sessions interrupted by a previous daemon's exit", len(interrupted))
+            for run_id in interrupted:  # runs are counted like any other end of a run
+                rec = await self._call(self.store.get_run, run_id) or {}
+                if rec.get("kind") != "session":
+                    self.metrics.runs.labels(str(rec.get("runner") or "-"), "interrupted").inc()
         self.sessions.start()
         await self._call(self.store.append, "config.loaded", {
             "source": self.config.source, "config_sha256": self.catalog.config_sha256, "version": __version__,
@@ -153,6 +179,8 @@ class Daemon:
         try:
             new = overrides(await asyncio.to_thread(config_mod.load, path))
             catalog = await asyncio.to_thread(build_catalog, new)
+            tls = self._tls_reload(new)
+            tls_material = await asyncio.to_thread(tls_mod.load, new.tls) if tls else None
         except ConfigError as e:
             log.error("configuration reload refused, keeping the running one: %s", e)
             self.metrics.reloads.labels("failure").inc()
@@ -173,6 +201,8 @@ class Daemon:
                                         cgroup_parent_name=old.sandbox.cgroup_parent_name,
                                         cgroup_parent_path=old.sandbox.cgroup_parent_path))
         self.catalog = catalog
+        if tls_material is not None and self.tls.update(tls_material):
+            log.info("reload: new TLS connections use the server certificate and client CA read now")
         self.admission.reconfigure(min(new.admission.max_concurrent or default_max_concurrent(),
                                        self._run_uids(self.config)),
                                    new.admission.max_queue, new.admission.max_queue_wait,
@@ -183,7 +213,65 @@ class Daemon:
             "source": self.config.source, "config_sha256": catalog.config_sha256, "version": __version__,
             "runners": sorted(catalog.runners), "host": self.hostname, "reload": True})
         log.info("configuration reloaded from %s: %d runners", self.config.source, len(catalog.runners))
+        for name in sorted(new.identity.suspended() - old.identity.suspended()):
+            runs, sessions = await self.stop_principal(name, "configuration", "principal suspended",
+                                                       kind="principal.suspended")
+            log.warning("principal %s suspended: %d runs stopped, %d sessions closed", name, runs, sessions)
+        for name in sorted(old.identity.suspended() - new.identity.suspended()):
+            await self._call(self.store.append, "principal.unsuspended", {"principal": name, "by": "configuration",
+                                                                          "host": self.hostname})
         return True
+
+    # -- the stop button ----------------------------------------------------------------------------------
+    def suspended(self, principal: str) -> bool:
+        entry = self.config.identity.principal(principal)
+        return entry is not None and entry.suspended
+
+    async def stop_run(self, run_id: str, who: str, reason: str, *, record: bool = True) -> bool:
+        """Stop one run wherever it is: a waiter leaves the queue, a running sandbox is killed. Either way its
+        record ends as cancelled with the message naming who stopped it. False when it is not in flight."""
+        t = self.tracked.get(run_id)
+        if t is None or t.stopped:
+            return False
+        t.stopped = stop_message(who, reason)
+        if record:
+            await self._call(self.store.append, "run.stop", {"run_id": run_id, "principal": t.principal, "by": who,
+                                                             "reason": reason, "host": self.hostname})
+        if t.run is not None:
+            t.run.stop_message = t.stopped
+            await t.run.cancel("stopped", drain=False)  # its caller still reads: keep the end of the stream
+        else:  # waiting for a slot (or just admitted: Execute checks t.stopped before it starts anything)
+            self.admission.withdraw(run_id, Stopped(t.stopped))
+        log.warning("run %s %s", run_id, t.stopped, extra={"run_id": run_id})
+        return True
+
+    async def stop_principal(self, principal: str, who: str, reason: str,
+                             kind: str = "principal.stop") -> tuple[int, int]:
+        """Stop every run of `principal` and let each stop hook (sessions) close what it holds. Recorded first,
+        so the record says who asked even if a stop fails halfway."""
+        await self._call(self.store.append, kind, {"principal": principal, "by": who, "reason": reason,
+                                                   "host": self.hostname})
+        runs = 0
+        for run_id in [r for r, t in self.tracked.items() if t.principal == principal]:
+            runs += await self.stop_run(run_id, who, reason, record=False)
+        sessions = 0
+        for hook in list(self.stop_hooks):
+            try:
+                sessions += await hook(principal, who, reason)
+            except Exception:  # noqa: BLE001 - one failing hook must not keep the others from stopping
+                log.exception("stop hook %r failed for principal %s", hook, principal)
+        return runs, sessions
+
+    def _tls_reload(self, new: Config) -> bool:
+        """Whether the reload rotates TLS material. The listeners' TLS and require_client_cert are fixed at start:
+        a change to them refuses the whole reload, naming the key, rather than being silently ignored."""
+        old = self.config.tls
+        if (old is None) != (new.tls is None):
+            raise ConfigError(f"server.tls: {'adding' if old is None else 'removing'} TLS needs a restart "
+                              f"(the listeners are created at start)")
+        if old is not None and old.require_client_cert != new.tls.require_client_cert:
+            raise ConfigError("server.tls.require_client_cert: changes only on restart")
+        return new.tls is not None and self.tls is not None
 
     async def healthy(self) -> tuple[bool, str]:
         """Serving only when the launcher answers, cgroups are usable and the store takes writes."""
@@ -210,6 +298,13 @@ class Daemon:
                 log.warning("removed the cgroups of %d runs the launcher left: %s", len(left), left)
         except cgroups.CgroupError as e:
             log.error("could not clean up cgroups: %s", e)
+
+    def spawn(self, coro) -> None:
+        """Run `coro` to the end in its own task, whatever happens to the caller (a record must not be lost
+        because the RPC that wrote it was cancelled)."""
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _call(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._db, fn, *args)

@@ -109,7 +109,10 @@ class UidPool:
             log.error("uid %d quarantined: its run's cgroup could not be removed", uid)
 
 
-def outcome_of(fin: Finished, spec: RunSpec, output_limited: bool) -> tuple[Outcome, str]:
+def outcome_of(fin: Finished, spec: RunSpec, output_limited: bool, started: bool = False) -> tuple[Outcome, str]:
+    if fin.kill_reason == "launcher_died" and started:
+        # The user's code had started: its sandbox is gone, not "never built". Whatever it did is unknown.
+        return Outcome.INTERRUPTED, "the sandbox was lost after the code started: the launcher exited during the run"
     if fin.setup_error:
         return Outcome.SETUP_FAILED, fin.setup_error
     reason = fin.kill_reason
@@ -119,7 +122,7 @@ def outcome_of(fin: Finished, spec: RunSpec, output_limited: bool) -> tuple[Outc
         return Outcome.TIMEOUT, f"CPU-time limit of {spec.limits.cpu_time:g}s reached"
     if reason == "output_limit" or (output_limited and spec.stop_on_output_limit and fin.signal == signal.SIGKILL):
         return Outcome.OUTPUT_LIMIT, f"output passed the cap of {spec.limits.output} bytes per stream"
-    if reason in ("cancelled", "shutdown", "daemon_gone"):
+    if reason in ("cancelled", "shutdown", "daemon_gone", "stopped"):
         return Outcome.CANCELLED, f"run stopped: {reason}"
     if fin.oom_kills and fin.signal == signal.SIGKILL:
         return Outcome.MEMORY_LIMIT, f"memory limit of {spec.limits.memory} bytes reached (OOM kill)"
@@ -151,6 +154,7 @@ class ActiveRun:
         self.started: asyncio.Future[float | None] = asyncio.get_running_loop().create_future()
         self.handle = None
         self.cancel_reason: str | None = None
+        self.stop_message = ""      # "stopped by <principal>: <reason>" when StopRun/StopPrincipal ended it
         self.task: asyncio.Task | None = None
         self.collected: list[dict] = []
         self.collect_truncated = False
@@ -160,13 +164,13 @@ class ActiveRun:
         while (item := await self.queue.get()) is not None:
             yield item
 
-    async def cancel(self, reason: str = "cancelled") -> None:
+    async def cancel(self, reason: str = "cancelled", drain: bool = True) -> None:
         self.cancel_reason = self.cancel_reason or reason
         if self.handle is not None:
             with contextlib.suppress(Exception):
                 await self.handle.kill(reason)
         # Nobody reads the output any more: drain it so the pumps never block on a full queue.
-        while not self.queue.empty():
+        while drain and not self.queue.empty():
             self.queue.get_nowait()
 
 
@@ -258,9 +262,12 @@ class Supervisor:
             self.uids.give_back(spec.uid, fin.clean)
         if run.cancel_reason and not fin.kill_reason and not fin.setup_error:
             fin = dataclasses.replace(fin, kill_reason=run.cancel_reason)
-        exec_at = fin.exec_at
+        started = handle.started.result() if handle.started.done() and not handle.started.cancelled() else None
+        exec_at = fin.exec_at or started
         wall = (fin.ended_at - exec_at) if (exec_at and fin.ended_at) else 0.0
-        outcome, message = outcome_of(fin, spec, limited.is_set())
+        outcome, message = outcome_of(fin, spec, limited.is_set(), started=exec_at is not None)
+        if outcome is Outcome.CANCELLED and run.stop_message:
+            message = run.stop_message
         if not run.started.done():
             run.started.set_result(exec_at)
         run.result.set_result(RunResult(

@@ -6,6 +6,7 @@
     sandboxctl code SESSION FILE|-                     a cell in its Python kernel (state kept between cells)
     sandboxctl cp data.csv SESSION:data.csv            files in and out (cp SESSION:out/report.txt .)
     sandboxctl session list | show SESSION | close SESSION
+    sandboxctl stop RUN_ID | --principal NAME          the stop button (admins: anyone's; others: their own)
 
 Exit status of `run` and `exec`: see EXIT_STATUS below (also in `sandboxctl --help` and the README). `code`
 exits 0 when the cell ran, 1 when it raised, else by the same rules; the session commands and `cp` exit 0 or
@@ -31,7 +32,9 @@ EXIT_MEMORY_LIMIT = 128 + signal.SIGKILL    # what the OOM killer sends
 EXIT_OUTPUT_LIMIT = 128 + signal.SIGXFSZ    # the signal for writing past a size limit
 EXIT_STATUS = f"""exit status of run and exec: the command's own exit code; 128+N when it was killed by signal N;
   {EXIT_TIMEOUT} timeout; {EXIT_REFUSED} refused or failed by sandboxd (one line on stderr says why);
-  {EXIT_MEMORY_LIMIT} memory_limit (128+SIGKILL); {EXIT_OUTPUT_LIMIT} output_limit (128+SIGXFSZ).
+  {EXIT_MEMORY_LIMIT} memory_limit (128+SIGKILL); {EXIT_OUTPUT_LIMIT} output_limit (128+SIGXFSZ); {EXIT_REFUSED} also for
+  cancelled (stopped) and interrupted (the sandbox was lost after the code started: it may have partly run).
+  stop: 0 when it stopped something, 1 when nothing was in flight, {EXIT_REFUSED} when refused.
   Any command: 141 (128+SIGPIPE) when its output pipe closes early (e.g. `| head`)."""
 
 
@@ -192,6 +195,26 @@ def cmd_runs_show(args) -> int:
     return 0
 
 
+def cmd_stop(args) -> int:
+    if bool(args.run_id) == bool(args.principal):
+        print("sandboxctl stop: give a RUN_ID or --principal NAME (not both)", file=sys.stderr)
+        return 2
+    with _client(args) as client:
+        try:
+            if args.run_id:
+                res = client.stop_run(args.run_id, args.reason or "")
+            else:
+                res = client.stop_principal(args.principal, args.reason or "")
+        except SandboxdError as e:
+            if e.code == "NOT_FOUND":
+                print(f"sandboxctl: {e.message}", file=sys.stderr)
+                return 1
+            print(f"sandboxctl: {e.code.lower()}: {e.message}", file=sys.stderr)
+            return EXIT_REFUSED
+    print(res.message)
+    return 0 if res.runs_stopped or res.sessions_closed else 1
+
+
 def cmd_runners(args) -> int:
     with _client(args) as client:
         try:
@@ -252,6 +275,12 @@ def main(argv: list[str] | None = None) -> int:
     rs.add_argument("run_id")
     rs.add_argument("--json", action="store_true")
     rs.set_defaults(fn=cmd_runs_show)
+    st = sub.add_parser("stop", help="stop a run, or everything a principal runs (admins: anyone's; others: "
+                                     "their own); stopped runs end as cancelled, naming who stopped them")
+    st.add_argument("run_id", nargs="?", metavar="RUN_ID")
+    st.add_argument("--principal", metavar="NAME", help="stop every run and session of this principal")
+    st.add_argument("--reason", default="", help="recorded with the stop and shown in the runs' messages")
+    st.set_defaults(fn=cmd_stop)
     ls = sub.add_parser("runners", help="list runners and their limits")
     ls.add_argument("--json", action="store_true")
     ls.set_defaults(fn=cmd_runners)

@@ -1,8 +1,9 @@
 """`sandboxd`: serve, check-config, audit. Runs the daemon in the foreground (systemd or `make run` supervise it).
 
 Start-up order matters: configuration and seccomp programs first (fail fast on a bad file), then the launcher
-(before any gRPC thread exists), then the store, then the gRPC server. SIGTERM/SIGINT stop accepting, let
-running runs finish within the grace period, stop the rest (recorded), and exit 0.
+(before any gRPC thread exists), then the store, then the gRPC server. SIGTERM/SIGINT stop accepting, refuse
+requests still queued (UNAVAILABLE, recorded), let running runs finish within the grace period, stop the rest
+(recorded), and exit 0.
 """
 from __future__ import annotations
 
@@ -38,15 +39,6 @@ def _prepare_socket(path: str) -> None:
     if not stat.S_ISSOCK(st.st_mode):
         raise ConfigError(f"{path} exists and is not a socket; refusing to replace it")
     os.unlink(path)  # a stale socket from a previous daemon
-
-
-def _tls_credentials(tls) -> grpc.ServerCredentials:
-    def read(path: str) -> bytes:
-        with open(path, "rb") as f:
-            return f.read()
-    return grpc.ssl_server_credentials([(read(tls.key), read(tls.cert))],
-                                       root_certificates=read(tls.client_ca) if tls.client_ca else None,
-                                       require_client_auth=tls.require_client_cert)
 
 
 async def _prune_forever(daemon) -> None:
@@ -88,7 +80,7 @@ async def serve(cfg: config_mod.Config, config_path: str | None = None, override
     from grpc_health.v1 import health, health_pb2_grpc
     from grpc_reflection.v1alpha import reflection
 
-    from ..service import SandboxService
+    from ..service import RequestGuard, SandboxService
     from ..state import Daemon
     from ..v1 import sandbox_pb2, sandbox_pb2_grpc
 
@@ -100,9 +92,10 @@ async def serve(cfg: config_mod.Config, config_path: str | None = None, override
         await daemon.stop()
         raise ConfigError(f"server.metrics_listen: cannot listen on {cfg.server.metrics_listen!r}: {e}") from None
     limit = cfg.server.max_request_bytes + (1 << 20)
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit),
-                                      ("grpc.max_send_message_length", 4 << 20),
-                                      ("grpc.so_reuseport", 0)])
+    # RequestGuard reads each request itself, so bodies gRPC refuses (too large, undecodable) are counted too.
+    server = grpc.aio.server(interceptors=[RequestGuard(daemon, limit)],
+                             options=[("grpc.max_receive_message_length", limit),
+                                      ("grpc.max_send_message_length", 4 << 20), ("grpc.so_reuseport", 0)])
     sandbox_pb2_grpc.add_SandboxServicer_to_server(SandboxService(daemon), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -123,8 +116,8 @@ async def serve(cfg: config_mod.Config, config_path: str | None = None, override
             if path is not None:
                 _prepare_socket(path)
                 sockets.append(path)
-            elif cfg.tls is not None:
-                server.add_secure_port(addr, _tls_credentials(cfg.tls))
+            elif daemon.tls is not None:  # rotated on SIGHUP (sandboxd/tls.py)
+                server.add_secure_port(addr, daemon.tls.credentials())
             else:  # allowed by config only with insecure_tcp = true; the authenticator then demands tokens
                 log.warning("listening on %s WITHOUT TLS (server.insecure_tcp): tokens cross the network in clear",
                             addr)
@@ -160,7 +153,11 @@ async def serve(cfg: config_mod.Config, config_path: str | None = None, override
     pruner.cancel()
     await health_servicer.enter_graceful_shutdown()
     grace = daemon.config.server.shutdown_grace  # a reload may have changed it
-    log.info("shutting down: %d runs active, grace %gs", daemon.admission.running, grace)
+    log.info("shutting down: %d runs active, %d queued (refused), grace %gs", daemon.admission.running,
+             daemon.admission.queued, grace)
+    # Nothing starts after shutdown began: queued requests (and any still arriving) get UNAVAILABLE, recorded.
+    from ..errors import ShuttingDown
+    daemon.admission.close(ShuttingDown("sandboxd is shutting down: the run was not started; retry later"))
     # Stop accepting (new connections and new calls) at once; give running runs the grace period, then stop
     # them ourselves so their callers still get a result (outcome cancelled) before gRPC closes the calls.
     daemon.proxy.stop_listening()
@@ -229,7 +226,19 @@ def _overrides(args):
         server["runtime_dir"] = os.path.abspath(args.runtime_dir)
     if args.metrics_listen:
         server["metrics_listen"] = args.metrics_listen
-    return lambda cfg: dataclasses.replace(cfg, server=dataclasses.replace(cfg.server, **server)) if server else cfg
+
+    def apply(cfg):
+        if not server:
+            return cfg
+        cfg = dataclasses.replace(cfg, server=dataclasses.replace(cfg.server, **server))
+        # The file's own listen addresses were checked when it was read; these come from the command line.
+        for addr in cfg.server.listen:
+            if not addr.startswith("unix://") and cfg.tls is None and not cfg.server.insecure_tcp:
+                raise ConfigError(f"--listen {addr}: a TCP listener needs TLS: add [server.tls] cert and key to the "
+                                  f"configuration (or set server.insecure_tcp = true to accept plaintext TCP, where "
+                                  f"every caller must then send a token)")
+        return cfg
+    return apply
 
 
 def cmd_serve(args) -> int:

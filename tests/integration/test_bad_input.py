@@ -2,7 +2,11 @@
 the run closed (setup_failed, the code never runs)."""
 from __future__ import annotations
 
+import json
 import math
+import re
+import sqlite3
+import urllib.request
 
 import grpc
 import pytest
@@ -88,3 +92,52 @@ def test_failed_isolation_step_fails_closed(start_daemon, tmp_path):
     assert r.outcome == "setup_failed", r
     assert "rlimits" in r.message
     assert r.stdout == b"" and r.stdout_bytes == 0
+
+
+def rejected_invalid(d) -> float:
+    port = re.search(r"metrics http://127\.0\.0\.1:(\d+)", d.log()).group(1)
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    return float(re.search(r'^sandboxd_rejected_total\{reason="invalid"\} (\S+)$', text, re.M).group(1))
+
+
+def denied_records(d) -> list[dict]:
+    db = sqlite3.connect(f"file:{d.state_dir / 'sandboxd.db'}?mode=ro", uri=True)
+    try:
+        return [json.loads(r[0]) for r in db.execute("SELECT data FROM events WHERE kind = 'run.denied'")]
+    finally:
+        db.close()
+
+
+def raw_execute(d, body: bytes):
+    with grpc.insecure_channel(d.target, options=[("grpc.max_send_message_length", 64 << 20)]) as ch:
+        call = ch.unary_stream("/sandboxd.v1.Sandbox/Execute", request_serializer=lambda b: b,
+                               response_deserializer=pb.ExecuteEvent.FromString)
+        return list(call(body, timeout=30))
+
+
+def test_an_undecodable_body_is_invalid_argument_counted_logged_once_and_recorded(start_daemon):
+    d = start_daemon()
+    before = rejected_invalid(d)
+    for body in (b"\xff\xff\xff\xff", b"\x0a\x05ab"):  # not protobuf; a field cut short
+        with pytest.raises(grpc.RpcError) as e:
+            raw_execute(d, body)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value
+        assert "not a valid Execute request" in e.value.details(), e.value.details()
+    assert rejected_invalid(d) == before + 2
+    log = d.log()
+    assert "Traceback" not in log and log.count("Execute refused before it was read (invalid)") == 2, log[-3000:]
+    denied = [r for r in denied_records(d) if "not a valid Execute request" in r["message"]]
+    assert len(denied) == 2 and denied[0]["principal"]["id"] == "root", denied
+    assert call(d, runner="sh", code="echo alive")[-1].result.outcome == pb.OUTCOME_EXITED
+
+
+def test_a_body_past_grpcs_own_limit_is_counted_and_recorded(start_daemon):
+    d = start_daemon('[server]\nmax_request_bytes = "64KiB"')
+    before = rejected_invalid(d)
+    with pytest.raises(grpc.RpcError) as e:
+        call(d, runner="python", code="#" * (3 << 20))
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert rejected_invalid(d) == before + 1
+    [rec] = [r for r in denied_records(d) if "no request message arrived" in r["message"]]
+    assert rec["reason"] == "too_large" and str(64 * 1024 + (1 << 20)) in rec["message"], rec
+    assert call(d, runner="sh", code="echo alive")[-1].result.outcome == pb.OUTCOME_EXITED

@@ -16,6 +16,7 @@ import os
 import pathlib
 import re
 import shutil
+import signal
 import socket
 import sqlite3
 import subprocess
@@ -455,6 +456,54 @@ def test_insecure_tcp_still_demands_a_token(daemons):
     assert r.stdout == b"ok\n" and (rec["principal"], rec["auth_method"]) == ("ci-bot", "token")
 
 
+def test_sighup_rotates_the_server_certificate_and_refuses_tls_changes_it_cannot_apply(daemons, pki):
+    """The same cert/key paths with new contents (how certificates are usually renewed): after SIGHUP, new
+    connections get the new certificate. require_client_cert cannot change on a live listener: refused, named."""
+    files = daemons.workdir()
+    for name in ("server.pem", "server.key"):
+        shutil.copy(pki.path / name, files / name)
+    pki.ca("ca2")
+    pki.cert("ca2", "server2", "localhost", "serverAuth", "IP:127.0.0.1,DNS:localhost")
+    token, lines = cli_token("ci-bot")
+    port = free_port()
+    d = daemons.start(tcp=(f"127.0.0.1:{port}",),
+                      server=f'[server.tls]\ncert = "{files}/server.pem"\nkey = "{files}/server.key"\n',
+                      rest=f'{lines}\n[[policies]]\nname = "ci"\nprincipals = ["ci-bot"]\n')
+
+    def connects(ca: str) -> bool:
+        # A channel of its own, so each call makes a new connection and a new handshake.
+        with Client(f"127.0.0.1:{port}", tls_ca=str(pki.path / ca), token=token, tls_server_name="localhost",
+                    options=[("grpc.use_local_subchannel_pool", 1)]) as c:
+            try:
+                c.runners(timeout=10)
+                return True
+            except SandboxdError as e:
+                assert e.code == "UNAVAILABLE", e
+                return False
+    assert connects("ca.pem") and not connects("ca2.pem")
+    for name in ("pem", "key"):
+        shutil.copy(pki.path / f"server2.{name}", files / f"server.{name}")
+    os.kill(d.proc.pid, signal.SIGHUP)
+    assert wait_until(lambda: "new TLS connections use" in d.log()), d.log()[-2000:]
+    assert connects("ca2.pem") and not connects("ca.pem")
+    # What cannot change on a running listener refuses the reload, naming the key; the rotation stays.
+    d.config_path.write_text(d.config_path.read_text().replace(
+        "[server.tls]\n", f'[server.tls]\nclient_ca = "{pki.path}/ca.pem"\nrequire_client_cert = true\n'))
+    os.kill(d.proc.pid, signal.SIGHUP)
+    assert wait_until(lambda: "reload refused" in d.log()), d.log()[-2000:]
+    assert "server.tls.require_client_cert: changes only on restart" in d.log()
+    assert connects("ca2.pem")
+
+
+def wait_until(predicate, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 def test_a_tcp_listener_without_tls_or_insecure_tcp_refuses_to_start(tmp_path):
     cfg = tmp_path / "sandboxd.toml"
     cfg.write_text(f'[server]\nlisten = ["unix://{tmp_path}/s.sock", "127.0.0.1:{free_port()}"]\n'
@@ -464,6 +513,18 @@ def test_a_tcp_listener_without_tls_or_insecure_tcp_refuses_to_start(tmp_path):
     assert p.returncode == 2, p.stderr
     assert "server.listen" in p.stderr and "[server.tls]" in p.stderr
     assert not (tmp_path / "state").exists()  # refused before touching anything
+
+
+def test_serve_listen_flag_with_tcp_and_no_tls_refuses_to_start(tmp_path):
+    """--listen bypassed the file's check: a plaintext TCP listener opened though insecure_tcp was false."""
+    cfg = tmp_path / "sandboxd.toml"
+    cfg.write_text(f'[server]\nstate_dir = "{tmp_path}/state"\nruntime_dir = "{tmp_path}/run"\n')
+    p = subprocess.run([sys.executable, "-m", "sandboxd.cli.daemon", "serve", "--config", str(cfg),
+                        "--listen", f"unix://{tmp_path}/s.sock", "--listen", f"127.0.0.1:{free_port()}"],
+                       capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert p.returncode == 2, p.stderr
+    assert "--listen 127.0.0.1:" in p.stderr and "[server.tls]" in p.stderr and "insecure_tcp" in p.stderr
+    assert not (tmp_path / "state").exists()
 
 
 # -- client certificates ------------------------------------------------------------------------------------

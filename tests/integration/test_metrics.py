@@ -34,7 +34,7 @@ PROMTOOL = "/usr/bin/promtool"
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
 DASHBOARD = ROOT / "deploy" / "grafana" / "sandboxd-dashboard.json"
 JOB = "sandboxd"
-REJECT_REASONS = ("unauthenticated", "permission_denied", "queue_full", "rate_limited", "invalid")
+REJECT_REASONS = ("unauthenticated", "permission_denied", "queue_full", "rate_limited", "invalid", "shutting_down")
 RUN_ID = re.compile(r"[0-9a-f]{28}")  # service.new_run_id: 12 hex digits of ms + 16 random ones
 KNOWN_STDOUT = 12345
 

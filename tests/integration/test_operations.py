@@ -8,10 +8,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import sqlite3
 import threading
 import time
+import urllib.request
 
 import grpc
 import psutil
@@ -253,11 +255,14 @@ def test_kill_9_daemon_then_the_launcher_cleans_up_and_a_restart_marks_runs_inte
         rec = get_run(d2, s.run_id)
         assert rec["outcome"] == "interrupted", rec
     assert len(events(d2, "run.interrupted")) == 3
+    port = re.search(r"metrics http://127\.0\.0\.1:(\d+)", d2.log()).group(1)
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    assert 'sandboxd_runs_total{outcome="interrupted",runner="python"} 3.0' in metrics, metrics
     assert store_mod.verify(db_path(d2)).ok
 
 
-def test_kill_9_of_the_launcher_fails_the_run_and_a_new_launcher_takes_over(start_daemon):
-    """The in-flight run ends with an explanation (given to the caller and recorded); the daemon starts a new
+def test_kill_9_of_the_launcher_interrupts_the_run_and_a_new_launcher_takes_over(start_daemon):
+    """The in-flight run (its code had started) ends as interrupted, not setup_failed, with an explanation (given to the caller and recorded); the daemon starts a new
     launcher, which removes the dead one's cgroups, and keeps serving."""
     d = start_daemon()
     launcher = launcher_of(d)
@@ -269,12 +274,12 @@ def test_kill_9_of_the_launcher_fails_the_run_and_a_new_launcher_takes_over(star
         launcher.wait(10)
         s.join(20)
     assert s.error is None and s.result is not None, f"the caller got {s.error} instead of a result"
-    assert s.result.outcome == "setup_failed" and "launcher" in s.result.message, s.result
+    assert s.result.outcome == "interrupted" and "launcher" in s.result.message, s.result
     assert wait_for(lambda: "starting a new one" in d.log(), 10), d.log()[-3000:]
     with d.client() as c:
         assert wait_for(lambda: c.run("print(1)").ok, 20)
     rec = get_run(d, s.run_id)
-    assert rec["outcome"] == "setup_failed" and rec["message"] == s.result.message
+    assert rec["outcome"] == "interrupted" and rec["message"] == s.result.message
     # The dead launcher's run: no process (PR_SET_PDEATHSIG) and no cgroup (the new launcher's recover()).
     assert wait_for(lambda: not d.leftovers(), 10), d.leftovers()
     assert launcher_of(d).pid != launcher.pid
@@ -353,6 +358,51 @@ def test_admission_queue_full_and_queue_wait(start_daemon):
     # And once the slot is free again, runs go through.
     with d.client() as c:
         assert c.run("print(1)").ok
+
+
+def queued_behind_one_run(d, ss, **kw) -> tuple[Stream, Stream]:
+    """A running LONG run holding the only slot (max_concurrent 1) and a second request waiting behind it."""
+    running = Stream(d, LONG, wall_time=60)
+    ss.append(running)
+    assert running.printed.wait(20), running.error
+    queued = Stream(d, "print('must never run')", **kw)
+    ss.append(queued)
+    assert queued.started.wait(20), queued.error
+    wait_for(lambda: get_run(d, queued.run_id), 10)
+    time.sleep(0.3)  # Started goes out just before the request joins the queue
+    return running, queued
+
+
+def test_a_request_whose_deadline_passes_in_the_queue_is_recorded_cancelled_at_once(start_daemon):
+    d = start_daemon('[admission]\nmax_concurrent = 1')
+    with streams() as ss:
+        running, queued = queued_behind_one_run(d, ss, timeout=2.0)
+        queued.join(30)
+        assert queued.error is not None and queued.error.code == "DEADLINE_EXCEEDED", queued.error
+        # Closed while the slot is still taken, not left open for a restart to call it interrupted.
+        rec = wait_record(d, queued.run_id)
+        assert not running.done.is_set()
+        assert rec["outcome"] == "cancelled" and "waiting for a run slot" in rec["message"], rec
+        with d.client() as c:
+            c.stop_run(running.run_id)
+        running.join(30)
+    assert store_mod.verify(db_path(d)).ok
+
+
+def test_sigterm_refuses_queued_requests_instead_of_starting_them(start_daemon):
+    d = start_daemon('[admission]\nmax_concurrent = 1')
+    with streams() as ss:
+        running, queued = queued_behind_one_run(d, ss, wall_time=60)
+        os.kill(d.proc.pid, signal.SIGTERM)
+        queued.join(30)
+        assert not running.done.is_set()  # refused during the grace period, not admitted after it
+        assert queued.error is not None and queued.error.code == "UNAVAILABLE", (queued.error, queued.events)
+        assert "shutting down" in queued.error.message and queued.stdout == b""
+        running.join(GRACE + 20)
+        assert d.proc.wait(20) == 0, d.log()[-3000:]
+    rec = get_run(d, queued.run_id)
+    assert rec["outcome"] == "rejected" and "shutting down" in rec["message"], rec
+    assert get_run(d, running.run_id)["outcome"] == "cancelled"
 
 
 # -- reload ----------------------------------------------------------------------------------------------------

@@ -9,6 +9,8 @@ test_network.py::test_the_daemons_socket_and_state_are_not_in_the_run.
 from __future__ import annotations
 
 import hashlib
+import subprocess
+import sys
 import json
 import threading
 import time
@@ -176,3 +178,53 @@ def test_one_caller_cannot_fill_the_queue_for_everyone(own_daemon):
         for t in threads:
             t.join()
     assert "RESOURCE_EXHAUSTED" in flood_results and flood_results.count("exited") >= 2, flood_results
+
+
+# Runs as uid/gid 65534: finds the relay's abstract addresses in /proc/net/unix and binds the names that follow
+# each one (name ending in N: the same name ending in N+1 .. N+500), holding them until stdin closes.
+SQUATTER = r"""
+import os, re, socket, sys
+assert os.getuid() == os.geteuid() == 65534
+seen = [line.split()[-1][1:] for line in open("/proc/net/unix").read().splitlines()[1:]
+        if line.split()[-1].startswith("@sandboxd-")]
+held = []
+for name in seen:
+    m = re.fullmatch(r"(.*?)(\d+)", name)
+    if m:
+        for k in range(1, 501):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                s.bind("\0" + m.group(1) + str(int(m.group(2)) + k))
+                held.append(s)
+            except OSError:
+                s.close()
+print(len(seen), len(held), flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_local_user_cannot_make_the_relay_drop_other_callers_connections(own_daemon):
+    """The relay's per-connection addresses are visible to everyone; squatting the next ones must not matter."""
+    d = own_daemon()
+    with Client(d.target) as held_open:
+        held_open.runners()  # this connection's relay address is now listed in /proc/net/unix
+        squatter = subprocess.Popen(["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups",
+                                     sys.executable, "-c", SQUATTER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True)
+        try:
+            seen, held = map(int, squatter.stdout.readline().split())
+            assert squatter.poll() is None, squatter.stderr.read()
+            assert seen >= 1, "the squatter saw no relay address: the test proves nothing"
+            assert held > 0, "the squatter could bind no name next to the relay's"
+            failures = []
+            for i in range(40):
+                # A channel of its own (no shared subchannel): a new connection, so a new relay address, each time.
+                with Client(d.target, options=[("grpc.use_local_subchannel_pool", 1)]) as c:
+                    try:
+                        c.runners(timeout=10)
+                    except SandboxdError as e:
+                        failures.append(f"connection {i}: {e}")
+            assert not failures, failures
+        finally:
+            squatter.stdin.close()
+            squatter.wait(30)

@@ -349,3 +349,60 @@ def test_rate_limiter_forgets_idle_callers():
     for i in range(2000):
         rl.check(f"caller-{i}", per_minute=5, now=float(i))   # each caller's one run expires 60s later
     assert len(rl.seen) <= 1100
+
+
+def test_raising_max_concurrent_fills_every_new_slot_from_one_principals_queue():
+    async def main():
+        adm = Admission(max_concurrent=1, max_queue=10, max_wait=5.0)
+        holders = [Holder(adm, "a") for _ in range(4)]
+        await _settle()
+        assert adm.running == 1 and adm.queued == 3
+        adm.reconfigure(max_concurrent=4, max_queue=10, max_wait=5.0)
+        await _settle()
+        assert adm.running == 4 and adm.queued == 0
+        for h in holders:
+            await h.done()
+    asyncio.run(main())
+
+
+def test_close_refuses_the_waiters_and_later_requests():
+    async def main():
+        adm = Admission(max_concurrent=1, max_queue=10, max_wait=5.0)
+        running, waiting = Holder(adm, "a"), Holder(adm, "b")
+        await _settle()
+        assert adm.queued == 1
+        adm.close(Overloaded("shutting down"))
+        await waiting.task
+        assert str(waiting.error) == "shutting down" and not waiting.granted.is_set()
+        assert adm.queued == 0 and adm.running == 1
+        with pytest.raises(Overloaded, match="shutting down"):
+            async with adm.slot("c"):
+                pass
+        await running.done()
+        assert adm.running == 0
+    asyncio.run(main())
+
+
+def test_withdraw_turns_one_waiter_away_and_keeps_the_others():
+    async def main():
+        adm = Admission(max_concurrent=1, max_queue=10, max_wait=5.0)
+        running = Holder(adm, "a")
+        errors = {}
+
+        async def wait(key):
+            try:
+                async with adm.slot("b", key=key):
+                    errors[key] = None
+            except Overloaded as e:
+                errors[key] = e
+        first, second = asyncio.create_task(wait("r1")), asyncio.create_task(wait("r2"))
+        await _settle()
+        assert adm.queued == 2
+        assert adm.withdraw("r1", Overloaded("stopped by root"))
+        assert not adm.withdraw("nope", Overloaded("x"))
+        await first
+        assert str(errors["r1"]) == "stopped by root" and adm.queued == 1
+        await running.done()
+        await second
+        assert errors["r2"] is None and adm.running == 0 and not adm.keyed
+    asyncio.run(main())

@@ -54,7 +54,7 @@ EXPECTED_OUTCOMES = {
     Outcome.MEMORY_LIMIT: pb.OUTCOME_MEMORY_LIMIT, Outcome.OUTPUT_LIMIT: pb.OUTCOME_OUTPUT_LIMIT,
     Outcome.CANCELLED: pb.OUTCOME_CANCELLED, Outcome.REJECTED: pb.OUTCOME_REJECTED,
     Outcome.SETUP_FAILED: pb.OUTCOME_SETUP_FAILED,
-    Outcome.INTERRUPTED: pb.OUTCOME_CANCELLED,   # the daemon stopped under it: to the caller, it was cancelled
+    Outcome.INTERRUPTED: pb.OUTCOME_INTERRUPTED,  # the sandbox was lost after the code started
 }
 
 
