@@ -388,8 +388,8 @@ class SessionService:
 
     async def GetFiles(self, request: pb.GetFilesRequest, context):
         principal, s = await self._session(context, request.session_id, "get")
-        if not request.paths or len(request.paths) > MAX_PATHS:
-            await abort(context, InvalidRequest(f"paths: expected 1 to {MAX_PATHS} paths"))
+        if not request.paths or len(request.paths) > MAX_PATHS or not all(request.paths):
+            await abort(context, InvalidRequest(f"paths: expected 1 to {MAX_PATHS} paths, none empty"))
         limit = self.d.config.sessions.transfer_limit
         max_bytes = min(request.max_bytes or limit, limit)
         current, sent, record = "", 0, []
