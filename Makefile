@@ -39,6 +39,7 @@ image-data: install
 
 bench: install
 	$(PY) bench/startup.py
+	$(PY) bench/sessions.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info sandboxd/v1/*_pb2*.py sandboxd/v1/*_pb2*.pyi
