@@ -79,14 +79,19 @@ def keeper(spec: RunSpec, stdio: tuple[int, int, int], status_fd: int, join_path
             pass
         os.close(fd)
         _step(status_fd, "cgroup", _join_cgroup, join_paths)
+        # A session's init talks to its zygote over a socket made here, in the host's network namespace, so
+        # nothing of sandboxd's shows in the session's own /proc/net/unix.
+        zygote_pair = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET) if spec.session else None
         _step(status_fd, "namespaces", namespaces.apply)
         pid = os.fork()
         if pid == 0:
-            _init(spec, stdio, status_fd, staging, cap_last, extra_fd)
+            _init(spec, stdio, status_fd, staging, cap_last, extra_fd, zygote_pair)
         for fd in stdio:
             os.close(fd)
         if extra_fd >= 0:
             os.close(extra_fd)
+        for sock in zygote_pair or ():
+            sock.close()
         _, status = os.waitpid(pid, 0)
         code = os.waitstatus_to_exitcode(status) & 0xFF
     except BaseException:  # noqa: BLE001
@@ -95,7 +100,7 @@ def keeper(spec: RunSpec, stdio: tuple[int, int, int], status_fd: int, join_path
 
 
 def _init(spec: RunSpec, stdio: tuple[int, int, int], status_fd: int, staging: str, cap_last: int,
-          extra_fd: int = -1) -> None:
+          extra_fd: int = -1, zygote_pair=None) -> None:
     code = SETUP_FAILED
     try:
         _libc.prctl(_libc.PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -107,7 +112,7 @@ def _init(spec: RunSpec, stdio: tuple[int, int, int], status_fd: int, staging: s
                 os.close(fd)
             ctl = socket.socket(fileno=extra_fd)
             ctl.setblocking(True)
-            code = session_init.serve(spec, ctl, lambda **m: _report(status_fd, **m), cap_last)
+            code = session_init.serve(spec, ctl, lambda **m: _report(status_fd, **m), cap_last, zygote_pair)
             os._exit(code)
         err_r, err_w = os.pipe2(os.O_CLOEXEC)
         main = os.fork()

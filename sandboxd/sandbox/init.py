@@ -51,7 +51,7 @@ TIOCGPTPEER = 0x5441
 PAYLOAD_OOM_SCORE = "1000"
 
 
-def serve(spec: RunSpec, ctl: socket.socket, report, cap_last: int) -> int:
+def serve(spec: RunSpec, ctl: socket.socket, report, cap_last: int, zygote_pair=None) -> int:
     """The session's main loop. `report` writes a status line to the launcher (setup, ready)."""
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.set_wakeup_fd(wake_w)
@@ -59,7 +59,7 @@ def serve(spec: RunSpec, ctl: socket.socket, report, cap_last: int) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGPIPE):
         signal.signal(sig, signal.SIG_IGN)
     state = _Init(spec, ctl, cap_last)
-    failure = state.spawn_zygote()
+    failure = state.spawn_zygote(zygote_pair)
     if failure:
         report(ev="setup_failed", step=failure.get("step"), error=failure.get("error"))
         return 1
@@ -107,8 +107,8 @@ class _Init:
         self.calls: dict[int, str] = {}     # pid -> call id
         self.masters: dict[str, int] = {}   # call id -> terminal master, sent with call_started
 
-    def spawn_zygote(self) -> dict | None:
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    def spawn_zygote(self, pair=None) -> dict | None:
+        ours, theirs = pair or socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         pid = os.fork()
         if pid == 0:
             ours.close()

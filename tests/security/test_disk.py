@@ -127,9 +127,9 @@ def test_every_writable_mount_is_a_tmpfs_of_the_run(sandbox, daemon):
     assert s["fill"] == "ENOSPC"
     devices = {f"/dev/{d}" for d in ("null", "zero", "full", "random", "urandom")}
     for target, fstype in s["rw"]:
-        # A session's own devpts instance (its terminals, at most 64) is the one other writable mount.
+        # A session's own devpts instance (its terminals, at most 64, allocated by init only) is the one other.
         assert fstype == "tmpfs" or (fstype == "proc" and target == "/proc") or \
-            (fstype == "devpts" and target == "/dev/pts") or \
+            (fstype == "devpts" and target == "/.sandboxd/pts") or \
             (fstype == "devtmpfs" and (target in devices or target.startswith("/proc/"))), (target, fstype)
     assert {t for t, f in s["rw"] if f == "tmpfs"} == {"/tmp", "/work", "/dev/shm"}
     assert sorted(os.listdir(daemon.runtime_dir)) == runtime_before
