@@ -3,8 +3,9 @@
     Execute: authenticate -> authorize -> plan -> record "requested" -> admit -> launch -> stream
              -> record "finished" -> result
 
-A refused request (unauthenticated, not allowed, rate limited, invalid) is recorded too, before its status
-goes back. A run whose client goes away is stopped (outcome cancelled) and still recorded: the finishing step
+A refused request (not allowed, rate limited, invalid) is recorded too, before its status goes back; an
+unauthenticated one is counted (metrics) and recorded in a periodic summary event instead, so that callers who
+cannot even authenticate cannot make the store write for each request. A run whose client goes away is stopped (outcome cancelled) and still recorded: the finishing step
 runs in its own task, so cancelling the RPC cannot cancel the record.
 """
 from __future__ import annotations
@@ -574,9 +575,14 @@ class SandboxService(SessionService, pb_grpc.SandboxServicer):
             if "peer" not in record:
                 record["peer"] = {"address": context.peer()}
             d.metrics.rejected(err.reason)
-            await d.record("run_denied", run_id, {**record, "outcome": "rejected", "reason": err.reason,
-                                                  "message": str(err)})
-            log.info("run %s refused (%s): %s", run_id, err.reason, err, extra={"run_id": run_id})
+            if isinstance(err, Unauthenticated):
+                # Anyone who can connect can send these: summarised in memory, never one durable write each.
+                d.refused(record["peer"]["address"], str(err))
+                log.debug("unauthenticated request refused: %s", err)
+            else:
+                await d.record("run_denied", run_id, {**record, "outcome": "rejected", "reason": err.reason,
+                                                      "message": str(err)})
+                log.info("run %s refused (%s): %s", run_id, err.reason, err, extra={"run_id": run_id})
             await abort(context, err)
             return
         runner = catalog.runners[req.runner]
