@@ -304,6 +304,32 @@ def test_verify_help_documents_every_exit_status():
         assert status in p.stdout, p.stdout
 
 
+def test_a_quiet_daemon_signs_its_head_after_the_interval_and_only_when_it_moved(start_daemon):
+    d = start_daemon('[audit]\ncheckpoint_every = 100000\ncheckpoint_interval = "1s"\n')
+    with d.client() as c:
+        c.run("pass")
+
+    def checkpoints() -> list[tuple]:
+        return [e for e in events(d.state_dir) if e[2] == "audit.checkpoint"]
+    deadline = time.monotonic() + 30
+    while not checkpoints() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    first = checkpoints()
+    assert len(first) == 1 and first[0][0] == len(events(d.state_dir)), d.log()[-2000:]
+    assert log_waits_for(d, "audit anchor: " + first[0][4])
+    time.sleep(2.5)      # more intervals pass with nothing new: no checkpoint of a checkpoint
+    assert checkpoints() == first
+    assert d.stop() == 0
+    assert checkpoints() == first         # nothing appended since: the shutdown has nothing to sign either
+
+
+def log_waits_for(d: Daemon, text: str) -> bool:
+    deadline = time.monotonic() + 10
+    while text not in d.log() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return text in d.log()
+
+
 def test_unauthenticated_refusals_are_summarised_not_written_one_by_one(start_daemon):
     d = start_daemon(SIGNED)
     with Client(d.target, token="sbx_" + "A" * 43) as bad:
