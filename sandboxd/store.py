@@ -256,8 +256,7 @@ class Store:
         if row is None:
             return None
         run = _run_dict(row)
-        for text, in self._db.execute("SELECT data FROM events WHERE run_id = ? AND kind IN ('run.requested', "
-                                      "'run.finished') ORDER BY seq", (run_id,)):
+        for text, in self._db.execute("SELECT data FROM events WHERE run_id = ? ORDER BY seq", (run_id,)):
             data = json.loads(text)
             run.update({k: data[k] for k in BULKY if k in data})
         return run

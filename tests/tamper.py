@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import sqlite3
 
-from sandboxd.store import COLUMNS, Event, _columns, _fold, canon, event_hash
+from sandboxd.store import COLUMNS, RUN_KINDS, Event, _columns, _fold, canon, event_hash
 
 
 def rows(path):
@@ -33,7 +33,7 @@ def rewrite(path, edit):
             _, ts, kind, run_id, data, _, _ = r
             h = event_hash(seq, ts, kind, run_id, data, prev)
             db.execute("INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?)", (seq, ts, kind, run_id, data, prev, h))
-            if run_id and kind.startswith("run."):
+            if run_id and kind in RUN_KINDS:
                 runs[run_id] = _fold(runs.get(run_id), Event(seq, ts, kind, run_id, json.loads(data), prev, h))
             prev = h
         for run_id, rec in runs.items():
