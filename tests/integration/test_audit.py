@@ -17,11 +17,13 @@ import sys
 import threading
 import time
 
+import grpc
 import pytest
 
 from conftest import ROOT, Daemon, _check_stopped
 from sandboxd.client import Client, Output, SandboxdError, Started
 from sandboxd.store import GENESIS, canon, event_hash
+from sandboxd.v1 import sandbox_pb2 as pb
 from tamper import rewrite
 
 BUSY = "[admission]\nmax_concurrent = 8\n"   # every run of these tests gets a slot at once
@@ -337,11 +339,15 @@ def test_unauthenticated_refusals_are_summarised_not_written_one_by_one(start_da
             with pytest.raises(SandboxdError) as e:
                 bad.run("print('never')")
             assert e.value.code == "UNAUTHENTICATED"
+        for _ in range(5):   # sessions refuse the same way
+            with pytest.raises(grpc.RpcError) as e:
+                bad.stub.CreateSession(pb.CreateSessionRequest(runner="python"), metadata=bad.metadata, timeout=30)
+            assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
     before = [e for e in events(d.state_dir) if e[2] in ("run.denied", "auth.refused_summary")]
     assert d.stop() == 0
     summaries = [json.loads(e[4]) for e in events(d.state_dir) if e[2] == "auth.refused_summary"]
     assert not [e for e in before if e[2] == "run.denied"]
-    assert sum(s["total"] for s in summaries) == 20
+    assert sum(s["total"] for s in summaries) == 25
     rows = [r for s in summaries for r in s["refusals"]]
     assert {(r["peer"], r["reason"]) for r in rows} == {("unix-uid:0", "token not recognised")}
 
