@@ -102,6 +102,8 @@ class SessionService:
             return principal
         except (Unauthenticated, Suspended) as err:
             self.d.metrics.rejected(err.reason)
+            if isinstance(err, Unauthenticated):
+                self.d.refused(context.peer() or "", str(err))
             await abort(context, err)
 
     async def _session(self, context, session_id: str, action: str):
@@ -679,6 +681,8 @@ class SandboxService(SessionService, pb_grpc.SandboxServicer):
             return principal
         except (Unauthenticated, Suspended) as err:
             self.d.metrics.rejected(err.reason)
+            if isinstance(err, Unauthenticated):
+                self.d.refused(context.peer() or "", str(err))
             await abort(context, err)
 
     async def GetRun(self, request: pb.GetRunRequest, context):
@@ -800,7 +804,10 @@ class RequestGuard(grpc.aio.ServerInterceptor):
                 principal = d.authenticator.authenticate(context)
                 record.update(principal=principal.as_record(), auth_method=principal.method, peer=principal.peer)
             except Unauthenticated:
-                pass
+                # No durable write per request for a caller who cannot authenticate (see Daemon.refused).
+                d.refused(context.peer() or "", f"{err.reason} request body, unauthenticated")
+                await abort(context, err)
+                return
             await d.record("run_denied", run_id, {**record, "outcome": "rejected", "reason": err.reason,
                                                   "message": str(err)})
         await abort(context, err)

@@ -343,11 +343,15 @@ def test_unauthenticated_refusals_are_summarised_not_written_one_by_one(start_da
             with pytest.raises(grpc.RpcError) as e:
                 bad.stub.CreateSession(pb.CreateSessionRequest(runner="python"), metadata=bad.metadata, timeout=30)
             assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        for call in (bad.runners, bad.list_runs):   # and every other RPC, which never had a record of its own
+            with pytest.raises(SandboxdError) as e:
+                call()
+            assert e.value.code == "UNAUTHENTICATED"
     before = [e for e in events(d.state_dir) if e[2] in ("run.denied", "auth.refused_summary")]
     assert d.stop() == 0
     summaries = [json.loads(e[4]) for e in events(d.state_dir) if e[2] == "auth.refused_summary"]
     assert not [e for e in before if e[2] == "run.denied"]
-    assert sum(s["total"] for s in summaries) == 25
+    assert sum(s["total"] for s in summaries) == 27
     rows = [r for s in summaries for r in s["refusals"]]
     assert {(r["peer"], r["reason"]) for r in rows} == {("unix-uid:0", "token not recognised")}
 
