@@ -804,10 +804,7 @@ class RequestGuard(grpc.aio.ServerInterceptor):
                 principal = d.authenticator.authenticate(context)
                 record.update(principal=principal.as_record(), auth_method=principal.method, peer=principal.peer)
             except Unauthenticated:
-                # No durable write per request for a caller who cannot authenticate (see Daemon.refused).
-                d.refused(context.peer() or "", f"{err.reason} request body, unauthenticated")
-                await abort(context, err)
-                return
+                pass
             await d.record("run_denied", run_id, {**record, "outcome": "rejected", "reason": err.reason,
                                                   "message": str(err)})
         await abort(context, err)
