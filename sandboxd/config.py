@@ -137,6 +137,21 @@ class StoreConfig:
 
 
 @dataclass(frozen=True)
+class AuditConfig:
+    checkpoint_every: int = 1000         # sign the chain head after this many events ...
+    checkpoint_interval: float = 300.0   # ... or this many seconds, whichever comes first (and at shutdown)
+    key_path: str = ""                   # the Ed25519 signing key; "": <state_dir>/audit.key, created at first start
+    anchor_dir: str = ""                 # where anchors.jsonl is appended; "": <state_dir>/anchors
+    refusal_summary_interval: float = 60.0   # unauthenticated refusals are recorded as one summary event this often
+
+    def key_file(self, state_dir: str) -> str:
+        return self.key_path or os.path.join(state_dir, "audit.key")
+
+    def anchor_directory(self, state_dir: str) -> str:
+        return self.anchor_dir or os.path.join(state_dir, "anchors")
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     listen: tuple[str, ...] = ("unix:///run/sandboxd/sandboxd.sock",)
     socket_mode: int = 0o660
@@ -210,6 +225,7 @@ class Config:
     tls: TlsConfig | None = None
     store: StoreConfig = field(default_factory=StoreConfig)
     sessions: SessionsConfig = field(default_factory=SessionsConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
     source: str = "<built-in default>"
 
 
@@ -366,10 +382,11 @@ def parse(text: str, path: str) -> Config:
                         prune_interval=st.get("prune_interval", "duration", 3600.0))
     st.done()
     sessions = _sessions(path, top.table_of("sessions"))
+    audit = _audit(path, _Reader(path, top.table_of("audit"), "audit."))
     top.done()
     return Config(server=server, sandbox=sandbox, admission=admission, logging=logging_cfg,
                   default_limits=default_limits, max_limits=max_limits, identity=identity, tls=tls, store=store,
-                  sessions=sessions, source=path)
+                  sessions=sessions, audit=audit, source=path)
 
 
 def _sessions(path: str, table: dict) -> SessionsConfig:
@@ -395,6 +412,22 @@ def _sessions(path: str, table: dict) -> SessionsConfig:
     if cfg.transfer_limit < (1 << 20):
         raise ConfigError(f"{path}: sessions.transfer_limit: expected at least 1MiB")
     return cfg
+
+
+def _audit(path: str, r: _Reader) -> AuditConfig:
+    d = AuditConfig()
+    key_path, anchor_dir = r.get("key_path", "str", ""), r.get("anchor_dir", "str", "")
+    audit = AuditConfig(checkpoint_every=r.get("checkpoint_every", "int", d.checkpoint_every),
+                        checkpoint_interval=r.get("checkpoint_interval", "duration", d.checkpoint_interval),
+                        key_path=_rel(path, key_path) if key_path else "",
+                        anchor_dir=_rel(path, anchor_dir) if anchor_dir else "",
+                        refusal_summary_interval=r.get("refusal_summary_interval", "duration",
+                                                       d.refusal_summary_interval))
+    r.done()
+    for key in ("checkpoint_every", "checkpoint_interval", "refusal_summary_interval"):
+        if getattr(audit, key) <= 0:
+            raise ConfigError(f"{path}: audit.{key}: expected a positive value, got {r.table[key]!r}")
+    return audit
 
 
 def _tls(path: str, table: dict) -> TlsConfig:

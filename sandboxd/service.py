@@ -3,9 +3,11 @@
     Execute: authenticate -> authorize -> plan -> record "requested" -> admit -> launch -> stream
              -> record "finished" -> result
 
-A refused request (unauthenticated, not allowed, rate limited, invalid) is recorded too, before its status
-goes back. A run whose client goes away is stopped (outcome cancelled) and still recorded: the finishing step
-runs in its own task, so cancelling the RPC cannot cancel the record.
+A refused request (not allowed, rate limited, invalid) is recorded too, before its status goes back; an
+unauthenticated one is counted (metrics) and recorded in a periodic summary event instead, so that callers who
+cannot even authenticate cannot make the store write for each request. A run whose client goes away is stopped
+(outcome cancelled) and still recorded: the finishing step runs in its own task, so cancelling the RPC cannot
+cancel the record.
 """
 from __future__ import annotations
 
@@ -79,6 +81,20 @@ class SessionService:
 
     d: Daemon
 
+    async def _refused(self, what: str, run_id: str, record: dict, err: SandboxError, context) -> None:
+        """Count, record and answer a refused Execute or CreateSession. An unauthenticated one is summarised in
+        memory (Daemon.refused), never one durable write each: anyone who can connect can send those."""
+        record.setdefault("peer", {"address": context.peer()})
+        self.d.metrics.rejected(err.reason)
+        if isinstance(err, Unauthenticated):
+            self.d.refused(record["peer"]["address"], str(err))
+            log.debug("unauthenticated %s request refused: %s", what, err)
+        else:
+            await self.d.record("run_denied", run_id, {**record, "outcome": "rejected", "reason": err.reason,
+                                                       "message": str(err)})
+            log.info("%s %s refused (%s): %s", what, run_id, err.reason, err, extra={"run_id": run_id})
+        await abort(context, err)
+
     async def _principal(self, context) -> Principal:
         try:
             principal = self.d.authenticator.authenticate(context)
@@ -86,6 +102,8 @@ class SessionService:
             return principal
         except (Unauthenticated, Suspended) as err:
             self.d.metrics.rejected(err.reason)
+            if isinstance(err, Unauthenticated):
+                self.d.refused(context.peer() or "", str(err))
             await abort(context, err)
 
     async def _session(self, context, session_id: str, action: str):
@@ -151,12 +169,7 @@ class SessionService:
                     raise InvalidRequest(f"env: {name!r} may not be set in runner {runner.name!r}'s sessions")
             d.sessions.check_room(principal.id, allowed, spec.limits.memory)
         except SandboxError as err:
-            record.setdefault("peer", {"address": context.peer()})
-            d.metrics.rejected(err.reason)
-            await d.record("run_denied", sid, {**record, "outcome": "rejected", "reason": err.reason,
-                                               "message": str(err)})
-            log.info("session %s refused (%s): %s", sid, err.reason, err, extra={"run_id": sid})
-            await abort(context, err)
+            await self._refused("session", sid, record, err, context)
             return
         session = sessions_mod.Session(id=sid, principal=principal, policy=allowed, runner=runner, spec=spec,
                                        idle_timeout=idle, max_lifetime=lifetime, env=env, agent=agent)
@@ -571,13 +584,7 @@ class SandboxService(SessionService, pb_grpc.SandboxServicer):
                 cfg.sandbox.stop_on_output_limit, ceiling=allowed.limits, collect_max=cfg.sessions.collect_limit,
                 landlock_min_abi=cfg.sandbox.landlock_required_abi)
         except SandboxError as err:
-            if "peer" not in record:
-                record["peer"] = {"address": context.peer()}
-            d.metrics.rejected(err.reason)
-            await d.record("run_denied", run_id, {**record, "outcome": "rejected", "reason": err.reason,
-                                                  "message": str(err)})
-            log.info("run %s refused (%s): %s", run_id, err.reason, err, extra={"run_id": run_id})
-            await abort(context, err)
+            await self._refused("run", run_id, record, err, context)
             return
         runner = catalog.runners[req.runner]
         spec_summary = spec.summary()
@@ -674,6 +681,8 @@ class SandboxService(SessionService, pb_grpc.SandboxServicer):
             return principal
         except (Unauthenticated, Suspended) as err:
             self.d.metrics.rejected(err.reason)
+            if isinstance(err, Unauthenticated):
+                self.d.refused(context.peer() or "", str(err))
             await abort(context, err)
 
     async def GetRun(self, request: pb.GetRunRequest, context):

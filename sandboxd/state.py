@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from typing import Awaitable, Callable
 
-from . import __version__, config as config_mod, runners as runners_mod, tls as tls_mod
+from . import __version__, audit, config as config_mod, runners as runners_mod, tls as tls_mod
 from .admission import Admission, RateLimiter, default_max_concurrent
 from .auth import Authenticator, UnixPeerProxy
 from .config import Config
@@ -107,6 +107,8 @@ class Daemon:
         self.sessions = SessionManager(self)
         self._db = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sandboxd-store")
         self.store: Store | None = None
+        self.checkpoints: audit.Checkpointer | None = None   # set once the store is open; used on its thread
+        self.refusals = audit.RefusalSummary()                # event loop thread only
         self.rates = RateLimiter()
         self.proxy: UnixPeerProxy | None = None
         self.tls = tls_mod.Rotation(tls_mod.load(cfg.tls), cfg.tls.require_client_cert) if cfg.tls else None
@@ -139,10 +141,20 @@ class Daemon:
             cgroups.detect(self.config.sandbox.cgroup_parent_name, self.config.sandbox.cgroup_parent_path or None).setup()
         except cgroups.CgroupError as e:
             raise ConfigError(f"cgroups: {e}") from None
+        state_dir = self.config.server.state_dir
+        os.makedirs(state_dir, mode=0o700, exist_ok=True)
+        # The signing key and the anchor file before anything runs: a daemon that cannot vouch for its log
+        # does not start.
+        key = await asyncio.to_thread(audit.load_key, self.config.audit.key_file(state_dir), create=True)
+        try:
+            anchors = audit.Anchors(self.config.audit.anchor_directory(state_dir))
+        except OSError as e:
+            raise ConfigError(f"audit.anchor_dir: cannot open {e.filename}: {e.strerror}") from None
         # The launcher next: it must exist before any gRPC thread does (see sandbox/launcher.py).
         await self.launcher.start()
-        os.makedirs(self.config.server.state_dir, mode=0o700, exist_ok=True)
-        self.store = await self._call(Store, os.path.join(self.config.server.state_dir, "sandboxd.db"))
+        self.store = await self._call(Store, os.path.join(state_dir, "sandboxd.db"))
+        self.checkpoints = await self._call(audit.Checkpointer, self.store, key, anchors,
+                                            self.config.audit.checkpoint_every)
         interrupted = await self._call(lambda: self.store.mark_interrupted("daemon restarted during the run"))
         if interrupted:
             log.warning("marked %d runs and sessions interrupted by a previous daemon's exit", len(interrupted))
@@ -166,10 +178,38 @@ class Daemon:
             log.info("retention: pruned %d events older than %s (checkpoint at seq %d)", cp.pruned_count, cutoff,
                      cp.seq_upto)
 
+    async def checkpoint(self) -> None:
+        """Sign and anchor the chain head now, if anything was appended since the last checkpoint."""
+        if self.checkpoints is not None:
+            await self._call(self.checkpoints.write)
+
+    def refused(self, peer_address: str, reason: str) -> None:
+        """Count an unauthenticated refusal for the next summary event: no durable write per request, so a
+        flood of them cannot slow the store's thread for everyone else (metrics count each one)."""
+        cred = None
+        if self.proxy is not None and peer_address.startswith("unix-abstract:"):
+            cred = self.proxy.lookup(peer_address[len("unix-abstract:"):])
+        self.refusals.add(f"unix-uid:{cred.uid}" if cred else audit.peer_key(peer_address), reason)
+
+    async def flush_refusals(self) -> None:
+        data = self.refusals.take()
+        if data:
+            await self._call(self.store.append, audit.REFUSALS, data)
+            log.warning("refused %d unauthenticated requests since %s (%s event)", data["total"], data["since"],
+                        audit.REFUSALS)
+
     async def stop(self) -> None:
         await self.sessions.stop()
         await self.launcher.stop()
         if self.store is not None:
+            for last in (self.flush_refusals, self.checkpoint):   # the record of the end, signed
+                try:
+                    await last()
+                except Exception:  # noqa: BLE001 - closing the store matters more
+                    log.exception("audit: %s failed at shutdown", last.__name__)
+            if self.checkpoints is not None:
+                self.checkpoints.anchors.close()
+                self.checkpoints = None
             await self._call(self.store.close)
         self._db.shutdown(wait=True)
 
@@ -193,13 +233,17 @@ class Daemon:
         changed = [k for k in fixed if getattr(old.server, k) != getattr(new.server, k)]
         changed += [k for k in ("uid_start", "uid_count", "cgroup_parent_name", "cgroup_parent_path")
                     if getattr(old.sandbox, k) != getattr(new.sandbox, k)]
+        changed += [f"audit.{k}" for k in ("key_path", "anchor_dir") if getattr(old.audit, k) != getattr(new.audit, k)]
         if changed:
             log.warning("reload: %s change only on restart; keeping the running values", ", ".join(sorted(changed)))
         self.config = dataclasses.replace(
             new, server=dataclasses.replace(new.server, **{k: getattr(old.server, k) for k in fixed}),
             sandbox=dataclasses.replace(new.sandbox, uid_start=old.sandbox.uid_start, uid_count=old.sandbox.uid_count,
                                         cgroup_parent_name=old.sandbox.cgroup_parent_name,
-                                        cgroup_parent_path=old.sandbox.cgroup_parent_path))
+                                        cgroup_parent_path=old.sandbox.cgroup_parent_path),
+            audit=dataclasses.replace(new.audit, key_path=old.audit.key_path, anchor_dir=old.audit.anchor_dir))
+        if self.checkpoints is not None:
+            self.checkpoints.every = new.audit.checkpoint_every
         self.catalog = catalog
         if tls_material is not None and self.tls.update(tls_material):
             log.info("reload: new TLS connections use the server certificate and client CA read now")
@@ -307,7 +351,17 @@ class Daemon:
         task.add_done_callback(self._background.discard)
 
     async def _call(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self._db, fn, *args)
+        return await asyncio.get_running_loop().run_in_executor(self._db, self._on_store_thread, fn, args)
+
+    def _on_store_thread(self, fn, args):
+        out = fn(*args)
+        # Count-based checkpoints: after any write that brings the head checkpoint_every events past the last one.
+        if self.checkpoints is not None and self.checkpoints.due():
+            try:
+                self.checkpoints.write()
+            except Exception:  # noqa: BLE001 - the caller's event is already durable; retried on the next write
+                log.exception("audit: could not write a signed checkpoint")
+        return out
 
     async def record(self, method: str, run_id: str, data: dict) -> None:
         data = {**data, "daemon_version": __version__, "host": self.hostname}

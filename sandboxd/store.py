@@ -9,9 +9,10 @@ never interleave.
 
 Why a hash chain: each event's hash covers its content and the previous event's hash, so editing, deleting,
 inserting or reordering rows breaks the chain at the first seq touched, and `verify()` finds it offline with nothing
-but the file. What a chain alone cannot show: its tail cut off, or new events appended by someone with write access
-(there is no secret in the hash). Anchor `Store.head()` elsewhere (a log line, a remote copy) and pass it to
-`verify(head=...)` to catch the first; keyed signatures are left to the identity/audit work.
+but the file. What a chain alone cannot show: its tail cut off, or the whole
+chain recomputed by someone with write access (there is no secret in the hash). audit.py closes both: signed
+checkpoints (`audit.checkpoint` events, not to be confused with the retention checkpoints below) and anchors kept
+outside the file; `verify(head=...)` remains for a head anchored by other means.
 
 The hash of an event, for an external verifier:
 
@@ -43,7 +44,7 @@ import sqlite3
 import urllib.parse
 from dataclasses import astuple, dataclass
 from datetime import datetime, timezone
-from typing import Any, Iterator, TextIO
+from typing import Any, Callable, Iterator, TextIO
 
 GENESIS = "0" * 64
 # Events of these kinds need a run_id and are folded into `runs`. Any other kind (config.loaded, store.pruned, and
@@ -85,7 +86,13 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         """CREATE TABLE checkpoints (seq_upto INTEGER PRIMARY KEY, hash_upto TEXT NOT NULL,
            pruned_count INTEGER NOT NULL, ts TEXT NOT NULL, hash TEXT NOT NULL)""",
     ),
+    # 1 -> 2: a run's code and stored output live in its events only (they were copied into runs.record).
+    (lambda db: _drop_bulky(db),),
 )
+
+# Record keys kept only in the events (get_run reads them back from there), not copied into `runs`: the code
+# and output can be megabytes, and the chain must hold them anyway.
+BULKY = ("code", "stdout_stored_b64", "stderr_stored_b64")
 
 
 class StoreError(Exception):
@@ -172,6 +179,12 @@ class Store:
         with self._transaction():
             return self._append(kind, data, run_id)
 
+    def append_at_head(self, kind: str, make: Callable[[int, str], dict]) -> Event:
+        """Append the event `make(seq, hash)` builds from the current head, in the same transaction, so nothing
+        can be appended between reading the head and chaining onto it (a signed checkpoint needs that)."""
+        with self._transaction():
+            return self._append(kind, make(*self._head()), None)
+
     def run_requested(self, run_id: str, record: dict) -> None:
         self.append("run.requested", record, run_id)
 
@@ -237,9 +250,16 @@ class Store:
     # -- reading -------------------------------------------------------------------------------------------------
 
     def get_run(self, run_id: str) -> dict | None:
-        """The merged record of a run, with the column values (normalized) laid over it."""
+        """The merged record of a run, with the column values (normalized) laid over it, and its code and stored
+        output read from its events (BULKY)."""
         row = self._db.execute("SELECT * FROM runs WHERE run_id = ?", (run_id,)).fetchone()
-        return _run_dict(row) if row else None
+        if row is None:
+            return None
+        run = _run_dict(row)
+        for text, in self._db.execute("SELECT data FROM events WHERE run_id = ? ORDER BY seq", (run_id,)):
+            data = json.loads(text)
+            run.update({k: data[k] for k in BULKY if k in data})
+        return run
 
     def list_runs(self, principal: str | None = None, agent: str | None = None, runner: str | None = None,
                   outcome: str | None = None, since: str | datetime | None = None,
@@ -294,6 +314,11 @@ class Store:
             count += 1
         return count
 
+    def last_event(self, kind: str) -> Event | None:
+        row = self._db.execute("SELECT * FROM events WHERE kind = ? ORDER BY seq DESC LIMIT 1", (kind,)).fetchone()
+        return Event(row["seq"], row["ts"], row["kind"], row["run_id"], json.loads(row["data"]), row["prev_hash"],
+                     row["hash"]) if row else None
+
     def head(self) -> tuple[int, str]:
         """(seq, hash) of the newest event: the value to anchor outside the file."""
         return self._head()
@@ -334,7 +359,7 @@ class Store:
                                  f"({len(MIGRATIONS)}); refusing to open it")
             for statements in MIGRATIONS[version:]:
                 for statement in statements:
-                    self._db.execute(statement)
+                    statement(self._db) if callable(statement) else self._db.execute(statement)
             if row is None:
                 self._db.execute("INSERT INTO schema_version VALUES (?)", (len(MIGRATIONS),))
             else:
@@ -378,7 +403,7 @@ class Store:
 def _fold(record: dict | None, event: Event) -> dict:
     """The run record after one more event: later keys win. Pure, so verify() can rebuild `runs` from events."""
     rec = dict(record or {})
-    rec.update(event.data)
+    rec.update((k, v) for k, v in event.data.items() if k not in BULKY)
     rec["run_id"] = event.run_id
     if _ts(rec.get("received_at")) is None:
         rec["received_at"] = event.ts
@@ -391,6 +416,15 @@ def _fold(record: dict | None, event: Event) -> dict:
     elif event.kind == "run.interrupted":
         rec["outcome"] = "interrupted"
     return rec
+
+
+def _drop_bulky(db: sqlite3.Connection) -> None:
+    rows = db.execute("SELECT run_id, record FROM runs").fetchall()
+    for run_id, text in rows:
+        record = json.loads(text)
+        if any(k in record for k in BULKY):
+            db.execute("UPDATE runs SET record = ? WHERE run_id = ?",
+                       (canon({k: v for k, v in record.items() if k not in BULKY}), run_id))
 
 
 def _columns(r: dict) -> dict:

@@ -50,6 +50,16 @@ async def _prune_forever(daemon) -> None:
         await asyncio.sleep(daemon.config.store.prune_interval)
 
 
+async def _every(what: str, interval, fn) -> None:
+    """Call fn every interval() seconds (read each time, so a reload applies); a failure is logged, not fatal."""
+    while True:
+        await asyncio.sleep(interval())
+        try:
+            await fn()
+        except Exception:  # noqa: BLE001
+            log.exception("%s failed", what)
+
+
 def start_metrics(daemon, listen: str) -> str | None:
     """Serve /metrics on HOST:PORT (port 0 picks a free one); returns the bound address, None when "off"."""
     if listen in ("", "off", "none"):
@@ -133,6 +143,11 @@ async def serve(cfg: config_mod.Config, config_path: str | None = None, override
         raise
     sockets.append(internal)
     pruner = asyncio.ensure_future(_prune_forever(daemon))
+    audit_tasks = [asyncio.ensure_future(_every("audit: signed checkpoint",
+                                                lambda: daemon.config.audit.checkpoint_interval, daemon.checkpoint)),
+                   asyncio.ensure_future(_every("audit: refusal summary",
+                                                lambda: daemon.config.audit.refusal_summary_interval,
+                                                daemon.flush_refusals))]
     log.info("sandboxd %s serving on %s (cgroup driver %s, state %s, metrics %s)", __version__,
              ", ".join(cfg.server.listen), daemon.launcher.driver, cfg.server.state_dir,
              f"http://{metrics_addr}/metrics" if metrics_addr else "off")
@@ -151,6 +166,8 @@ async def serve(cfg: config_mod.Config, config_path: str | None = None, override
     code = await _supervise_launcher(daemon, stop)
     watcher.cancel()
     pruner.cancel()
+    for task in audit_tasks:
+        task.cancel()
     await health_servicer.enter_graceful_shutdown()
     grace = daemon.config.server.shutdown_grace  # a reload may have changed it
     log.info("shutting down: %d runs active, %d queued (refused), grace %gs", daemon.admission.running,
@@ -301,24 +318,89 @@ def _db_path(args) -> str:
     return os.path.join(args.state_dir, "sandboxd.db")
 
 
-def cmd_audit_verify(args) -> int:
-    from ..store import verify
-    path = _db_path(args)
+VERIFY_EPILOG = """exit status:
+  0  ok: the chain, every signed checkpoint and every anchor agree
+  1  an event was edited, deleted, inserted or reordered (or the runs table disagrees with the events)
+  2  nothing to verify or an input cannot be used (no store, unreadable key, anchors or export; signed
+     checkpoints but no public key)
+  3  the tail was cut: the anchors vouch for events that are missing from the end
+  4  the chain was rewritten without the key: a signature fails or a signed head is not the chain's
+  5  a signed checkpoint was removed (the anchors or a later checkpoint name it)
+On failure, the first line names the first bad sequence number: FAILED (<kind>) at seq N: <reason>."""
+
+
+def _public_key(args):
+    """The verifier's public key: --pubkey, else derived from the daemon's signing key (--key or the state dir's
+    audit.key) when it is readable here, else None."""
+    from .. import audit
+    if getattr(args, "pubkey", None):
+        with open(args.pubkey, "rb") as f:
+            return audit.load_public(f.read(), args.pubkey)
+    if getattr(args, "export", None):
+        return None     # an export from anywhere: never this host's key by accident
+    path = args.key or os.path.join(args.state_dir, "audit.key")
     if not os.path.exists(path):
-        print(f"sandboxd audit verify: {path}: no store here", file=sys.stderr)
-        return 2
-    result = verify(path)
-    if result.ok:
-        print(f"ok: {result.checked} events verified in {path}")
+        return None
+    return audit.load_key(path, create=False).public_key()
+
+
+def cmd_audit_verify(args) -> int:
+    from .. import audit
+    try:
+        public = _public_key(args)
+        if args.anchors:
+            anchors_path = args.anchors
+        else:   # the daemon's own anchor file, when it is where it is by default
+            default = os.path.join(args.state_dir, "anchors", audit.ANCHOR_FILE)
+            anchors_path = default if not args.export and os.path.exists(default) else None
+        anchors = audit.read_anchors(anchors_path, public) if anchors_path else []
+    except (ConfigError, OSError) as e:
+        print(f"sandboxd audit verify: {e}", file=sys.stderr)
+        return audit.Verdict.UNUSABLE
+    if args.export:
+        try:
+            with open(args.export, encoding="utf-8") as f:
+                report = audit.verify_export(iter(f), public, anchors, args.export)
+        except (ConfigError, OSError) as e:
+            print(f"sandboxd audit verify: {e}", file=sys.stderr)
+            return audit.Verdict.UNUSABLE
+        what = args.export
+    else:
+        what = _db_path(args)
+        if not os.path.exists(what):
+            print(f"sandboxd audit verify: {what}: no store here", file=sys.stderr)
+            return audit.Verdict.UNUSABLE
+        report = audit.verify_store(what, public, anchors)
+    for note in report.notes:
+        print(f"note: {note}", file=sys.stderr)
+    if report.verdict == audit.Verdict.OK:
+        print(f"ok: {report.events} events verified in {what} ({report.checkpoints} signed checkpoints, "
+              f"{report.anchors} anchors{' from ' + anchors_path if anchors_path else ''})")
         return 0
-    print(f"FAILED at event {result.first_bad_seq}: {result.reason} ({result.checked} events checked before it)")
-    return 1
+    where = f"at seq {report.first_bad_seq}" if report.first_bad_seq is not None else "(no sequence)"
+    print(f"FAILED ({report.verdict.name.lower()}) {where}: {report.reason} ({report.events} events checked "
+          f"before it)")
+    return report.verdict
+
+
+def cmd_audit_pubkey(args) -> int:
+    from .. import audit
+    try:
+        public = _public_key(args)
+    except (ConfigError, OSError) as e:
+        print(f"sandboxd audit pubkey: {e}", file=sys.stderr)
+        return 2
+    if public is None:
+        print(f"sandboxd audit pubkey: {args.key or os.path.join(args.state_dir, 'audit.key')}: no signing key "
+              f"(the daemon creates it at its first start)", file=sys.stderr)
+        return 2
+    print(audit.public_pem(public), end="")
+    print(f"# key id {audit.key_id(public)}", file=sys.stderr)
+    return 0
 
 
 def cmd_audit_export(args) -> int:
-    import sqlite3
-    from ..store import canon
-    import urllib.parse
+    from .. import audit
     path = _db_path(args)
     if args.format != "jsonl":
         print(f"sandboxd audit export: unknown format {args.format!r} (expected jsonl)", file=sys.stderr)
@@ -326,15 +408,12 @@ def cmd_audit_export(args) -> int:
     if not os.path.exists(path):
         print(f"sandboxd audit export: {path}: no store here", file=sys.stderr)
         return 2
-    # Read-only, straight from the file: works offline and never takes the daemon's write lock.
-    db = sqlite3.connect(f"file:{urllib.parse.quote(os.path.abspath(path))}?mode=ro", uri=True)
-    db.row_factory = sqlite3.Row
-    count = 0
-    for row in db.execute("SELECT * FROM events WHERE seq > ? ORDER BY seq", (args.since_seq,)):
-        line = dict(row)
-        line["data"] = json.loads(line["data"])
-        sys.stdout.write(canon(line) + "\n")
-        count += 1
+    try:
+        public = _public_key(args)
+    except (ConfigError, OSError) as e:
+        print(f"sandboxd audit export: {e}", file=sys.stderr)
+        return 2
+    count = audit.export(path, sys.stdout, public, args.since_seq)
     print(f"exported {count} events", file=sys.stderr)
     return 0
 
@@ -361,12 +440,25 @@ def main(argv: list[str] | None = None) -> int:
     tn.add_argument("principal")
     tn.set_defaults(fn=cmd_token_new)
     a = sub.add_parser("audit", help="the tamper-evident run log").add_subparsers(dest="audit_cmd", required=True)
-    av = a.add_parser("verify", help="recompute the hash chain offline; exit 1 naming the first bad event")
+    av = a.add_parser("verify", help="check the hash chain, signed checkpoints and anchors offline",
+                      description="Verify the audit log of a state directory (or an export) offline.",
+                      epilog=VERIFY_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     av.add_argument("--state-dir", default="/var/lib/sandboxd")
+    av.add_argument("--export", metavar="FILE", help="verify this `sandboxd audit export` output instead")
+    av.add_argument("--pubkey", metavar="FILE", help="the public key to check signatures with (`sandboxd audit "
+                    "pubkey`); default: derived from the state dir's audit.key, or the export's own key")
+    av.add_argument("--key", metavar="FILE", help="the daemon's signing key, when audit.key_path moved it")
+    av.add_argument("--anchors", metavar="FILE", help="an anchor file (default: <state-dir>/anchors/anchors.jsonl "
+                    "when it exists)")
     av.set_defaults(fn=cmd_audit_verify)
-    ae = a.add_parser("export", help="events as JSON lines, for a log pipeline or SIEM")
+    ak = a.add_parser("pubkey", help="print the public key of the daemon's audit signing key (PEM)")
+    ak.add_argument("--state-dir", default="/var/lib/sandboxd")
+    ak.add_argument("--key", metavar="FILE", help="the signing key, when audit.key_path moved it")
+    ak.set_defaults(fn=cmd_audit_pubkey)
+    ae = a.add_parser("export", help="a header line (format, public key), then events as JSON lines")
     ae.add_argument("--format", default="jsonl")
     ae.add_argument("--state-dir", default="/var/lib/sandboxd")
+    ae.add_argument("--key", metavar="FILE", help="the signing key, when audit.key_path moved it")
     ae.add_argument("--since-seq", type=int, default=0)
     ae.set_defaults(fn=cmd_audit_export)
     args = p.parse_args(argv)

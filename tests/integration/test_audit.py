@@ -17,11 +17,14 @@ import sys
 import threading
 import time
 
+import grpc
 import pytest
 
 from conftest import ROOT, Daemon, _check_stopped
-from sandboxd.client import Output, SandboxdError, Started
+from sandboxd.client import Client, Output, SandboxdError, Started
 from sandboxd.store import GENESIS, canon, event_hash
+from sandboxd.v1 import sandbox_pb2 as pb
+from tamper import rewrite
 
 BUSY = "[admission]\nmax_concurrent = 8\n"   # every run of these tests gets a slot at once
 
@@ -71,18 +74,22 @@ def pristine(tmp_path_factory):
 def test_verify_counts_the_events_of_an_untouched_store(pristine):
     state_dir, _, live = pristine
     n = len(events(state_dir))
-    assert n >= 4 * 3 + 1 + 1       # requested, started, finished per run; a denial; config.loaded
+    assert n >= 4 * 3 + 1 + 1 + 1   # requested, started, finished per run; a denial; config.loaded; a checkpoint
     assert live.returncode == 0, live.stdout + live.stderr
-    assert live.stdout.startswith(f"ok: {n} events verified")
+    assert live.stdout.startswith(f"ok: {n - 1} events verified")   # before the checkpoint of the shutdown
+    assert events(state_dir)[-1][2] == "audit.checkpoint"
     after = verify(state_dir)
     assert after.returncode == 0 and after.stdout.startswith(f"ok: {n} events verified"), after.stdout
+    assert "(1 signed checkpoints, 1 anchors" in after.stdout
 
 
 def test_export_jsonl_is_every_event_and_verifiable_on_its_own(pristine):
     state_dir, run_ids, _ = pristine
     p = audit("export", "--format", "jsonl", "--state-dir", str(state_dir))
     assert p.returncode == 0, p.stderr
-    lines = [json.loads(line) for line in p.stdout.splitlines()]
+    header, *lines = [json.loads(line) for line in p.stdout.splitlines()]
+    key = audit("pubkey", "--state-dir", str(state_dir))
+    assert header["format"] == "sandboxd.audit-export/1" and header["public_key"] == key.stdout
     assert len(lines) == len(events(state_dir)) and f"exported {len(lines)} events" in p.stderr
     prev = GENESIS
     for line in lines:
@@ -94,13 +101,16 @@ def test_export_jsonl_is_every_event_and_verifiable_on_its_own(pristine):
         prev = line["hash"]
     kinds = [line["kind"] for line in lines]
     assert kinds[0] == "config.loaded" and kinds.count("run.finished") == 4 and kinds.count("run.denied") == 1
+    assert kinds[-1] == "audit.checkpoint"
     assert {line["run_id"] for line in lines if line["kind"] == "run.finished"} == set(run_ids)
     tail = audit("export", "--format", "jsonl", "--state-dir", str(state_dir), "--since-seq", str(len(lines) - 2))
-    assert [json.loads(x)["seq"] for x in tail.stdout.splitlines()] == [len(lines) - 1, len(lines)]
+    assert [json.loads(x).get("seq") for x in tail.stdout.splitlines()] == [None, len(lines) - 1, len(lines)]
 
 
 def copy_store(state_dir: pathlib.Path, to: pathlib.Path) -> pathlib.Path:
+    """The database and its signing key; not the anchors (the tests name those explicitly)."""
     to.mkdir()
+    shutil.copy(state_dir / "audit.key", to / "audit.key")
     for suffix in ("", "-wal", "-shm"):
         if (state_dir / f"sandboxd.db{suffix}").exists():
             shutil.copy(state_dir / f"sandboxd.db{suffix}", to / f"sandboxd.db{suffix}")
@@ -113,7 +123,7 @@ def test_export_reads_a_store_in_any_directory(pristine, tmp_path):
     p = audit("export", "--format", "jsonl", "--state-dir", str(odd))
     assert not (tmp_path / "audit").exists(), "export created a database at a truncated path"
     assert p.returncode == 0, p.stderr
-    assert len(p.stdout.splitlines()) == len(events(state_dir))
+    assert len(p.stdout.splitlines()) == 1 + len(events(state_dir))
 
 
 def test_export_without_a_store_says_so(tmp_path):
@@ -188,8 +198,162 @@ def test_verify_names_the_first_event_touched(pristine, tmp_path, tamper):
         db.close()
     p = verify(copy)
     assert p.returncode == 1, p.stdout
-    assert p.stdout.startswith(f"FAILED at event {bad}:"), p.stdout
+    assert p.stdout.startswith(f"FAILED (broken) at seq {bad}:"), p.stdout
     assert verify(state_dir).returncode == 0   # the original is untouched
+
+
+# -- signed checkpoints and anchors --------------------------------------------------------------------------
+SIGNED = '[audit]\ncheckpoint_every = 5\nrefusal_summary_interval = "1s"\n'
+
+
+@pytest.fixture(scope="module")
+def signed(tmp_path_factory):
+    """A store whose daemon signed a checkpoint every 5 events and at shutdown: (state dir, public key file,
+    anchor file copy, the daemon's log)."""
+    if os.geteuid() != 0:
+        pytest.skip("sandboxd tests need root")
+    work = tmp_path_factory.mktemp("signed")
+    d = Daemon(work, SIGNED)
+    try:
+        with d.client() as c:
+            for i in range(5):
+                c.run(f"print({i})")
+        assert d.stop() == 0
+    finally:
+        _check_stopped(d)
+    pub = work / "audit.pub"
+    p = audit("pubkey", "--state-dir", str(d.state_dir))
+    assert p.returncode == 0 and p.stdout.startswith("-----BEGIN PUBLIC KEY-----"), p.stderr
+    pub.write_text(p.stdout)
+    anchors = work / "anchors.jsonl"      # as shipped off the host
+    shutil.copy(d.state_dir / "anchors" / "anchors.jsonl", anchors)
+    return d.state_dir, pub, anchors, d.log()
+
+
+def test_the_daemon_signs_and_anchors_its_head(signed):
+    state_dir, pub, anchors, log = signed
+    key = state_dir / "audit.key"
+    assert oct(key.stat().st_mode & 0o777) == "0o600" and oct((state_dir / "anchors").stat().st_mode & 0o777) == "0o700"
+    cps = [e for e in events(state_dir) if e[2] == "audit.checkpoint"]
+    assert len(cps) >= 4 and events(state_dir)[-1][2] == "audit.checkpoint"     # every 5 events, and at stop
+    lines = anchors.read_text().splitlines()
+    assert lines == [cp[4] for cp in cps]       # the anchor line is the checkpoint event's data, verbatim
+    assert [line.split("audit anchor: ", 1)[1] for line in log.splitlines() if "audit anchor: " in line] == lines
+    for seq, line in zip([cp[0] for cp in cps], lines):
+        a = json.loads(line)
+        assert a["seq"] == seq - 1 and set(a) == {"seq", "hash", "ts", "key_id", "prev_checkpoint", "signature"}
+    p = audit("verify", "--state-dir", str(state_dir), "--pubkey", str(pub), "--anchors", str(anchors))
+    assert p.returncode == 0 and f"{len(cps)} signed checkpoints, {len(cps)} anchors" in p.stdout, p.stdout
+
+
+def _tampered(signed, tmp_path, edit):
+    state_dir, pub, anchors, _ = signed
+    copy = copy_store(state_dir, tmp_path / "state")
+    cps = [e[0] for e in events(copy) if e[2] == "audit.checkpoint"]
+    rewrite(str(copy / "sandboxd.db"), lambda rs: edit(rs, cps))
+    return audit("verify", "--state-dir", str(copy), "--pubkey", str(pub), "--anchors", str(anchors)), cps
+
+
+def test_verify_catches_a_cut_tail(signed, tmp_path):
+    p, cps = _tampered(signed, tmp_path, lambda rs, cps: rs[:cps[-2] - 3])
+    assert p.returncode == 3, p.stdout
+    assert p.stdout.startswith(f"FAILED (tail_cut) at seq {cps[-2] - 2}:") and "tail was cut" in p.stdout
+
+
+def test_verify_catches_a_chain_rewritten_without_the_key(signed, tmp_path):
+    def edit(rs, cps):
+        rs[0][4] = canon({"source": "/etc/forged.toml"})   # config.loaded, and every later hash recomputed
+        return rs
+    p, cps = _tampered(signed, tmp_path, edit)
+    assert p.returncode == 4, p.stdout
+    assert p.stdout.startswith(f"FAILED (signature) at seq {cps[0]}:") and "rewritten" in p.stdout
+
+
+def test_verify_catches_a_removed_checkpoint(signed, tmp_path):
+    p, cps = _tampered(signed, tmp_path, lambda rs, cps: [r for r in rs if r[0] != cps[1]])
+    assert p.returncode == 5, p.stdout
+    assert p.stdout.startswith(f"FAILED (checkpoint_removed) at seq {cps[1]}:"), p.stdout
+
+
+def test_verify_catches_an_edited_event_with_status_1(signed, tmp_path):
+    state_dir, pub, anchors, _ = signed
+    copy = copy_store(state_dir, tmp_path / "state")
+    db = sqlite3.connect(copy / "sandboxd.db", isolation_level=None)
+    try:
+        bad = edit_data(db)
+    finally:
+        db.close()
+    p = audit("verify", "--state-dir", str(copy), "--pubkey", str(pub), "--anchors", str(anchors))
+    assert p.returncode == 1 and p.stdout.startswith(f"FAILED (broken) at seq {bad}:"), p.stdout
+
+
+def test_an_export_verifies_on_another_host(signed, tmp_path):
+    state_dir, pub, anchors, _ = signed
+    out = tmp_path / "export.jsonl"
+    p = audit("export", "--state-dir", str(state_dir))
+    out.write_text(p.stdout)
+    ok = audit("verify", "--export", str(out), "--pubkey", str(pub), "--anchors", str(anchors))
+    assert ok.returncode == 0 and ok.stdout.startswith(f"ok: {len(events(state_dir))} events"), ok.stdout + ok.stderr
+    cut = tmp_path / "cut.jsonl"
+    cut.write_text("".join(p.stdout.splitlines(keepends=True)[:-3]))
+    p = audit("verify", "--export", str(cut), "--pubkey", str(pub), "--anchors", str(anchors))
+    assert p.returncode == 3, p.stdout
+
+
+def test_verify_help_documents_every_exit_status():
+    p = audit("verify", "--help")
+    for status in ("0  ok", "1  an event", "2  nothing", "3  the tail", "4  the chain", "5  a signed checkpoint"):
+        assert status in p.stdout, p.stdout
+
+
+def test_a_quiet_daemon_signs_its_head_after_the_interval_and_only_when_it_moved(start_daemon):
+    d = start_daemon('[audit]\ncheckpoint_every = 100000\ncheckpoint_interval = "1s"\n')
+    with d.client() as c:
+        c.run("pass")
+
+    def checkpoints() -> list[tuple]:
+        return [e for e in events(d.state_dir) if e[2] == "audit.checkpoint"]
+    deadline = time.monotonic() + 30
+    while not checkpoints() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    first = checkpoints()
+    assert len(first) == 1 and first[0][0] == len(events(d.state_dir)), d.log()[-2000:]
+    assert log_waits_for(d, "audit anchor: " + first[0][4])
+    time.sleep(2.5)      # more intervals pass with nothing new: no checkpoint of a checkpoint
+    assert checkpoints() == first
+    assert d.stop() == 0
+    assert checkpoints() == first         # nothing appended since: the shutdown has nothing to sign either
+
+
+def log_waits_for(d: Daemon, text: str) -> bool:
+    deadline = time.monotonic() + 10
+    while text not in d.log() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return text in d.log()
+
+
+def test_unauthenticated_refusals_are_summarised_not_written_one_by_one(start_daemon):
+    d = start_daemon(SIGNED)
+    with Client(d.target, token="sbx_" + "A" * 43) as bad:
+        for _ in range(20):
+            with pytest.raises(SandboxdError) as e:
+                bad.run("print('never')")
+            assert e.value.code == "UNAUTHENTICATED"
+        for _ in range(5):   # sessions refuse the same way
+            with pytest.raises(grpc.RpcError) as e:
+                bad.stub.CreateSession(pb.CreateSessionRequest(runner="python"), metadata=bad.metadata, timeout=30)
+            assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        for call in (bad.runners, bad.list_runs):   # and every other RPC, which never had a record of its own
+            with pytest.raises(SandboxdError) as e:
+                call()
+            assert e.value.code == "UNAUTHENTICATED"
+    before = [e for e in events(d.state_dir) if e[2] in ("run.denied", "auth.refused_summary")]
+    assert d.stop() == 0
+    summaries = [json.loads(e[4]) for e in events(d.state_dir) if e[2] == "auth.refused_summary"]
+    assert not [e for e in before if e[2] == "run.denied"]
+    assert sum(s["total"] for s in summaries) == 27
+    rows = [r for s in summaries for r in s["refusals"]]
+    assert {(r["peer"], r["reason"]) for r in rows} == {("unix-uid:0", "token not recognised")}
 
 
 # -- crashes ------------------------------------------------------------------------------------------------

@@ -405,3 +405,28 @@ def test_landlock_is_required_by_default_and_can_demand_a_higher_abi():
     assert _parse("[sandbox]\nrequire_landlock = false\n").sandbox.landlock_required_abi == 0
     with pytest.raises(ConfigError, match=r"sandbox\.landlock_min_abi: expected an ABI version of 1 or more"):
         _parse("[sandbox]\nlandlock_min_abi = 0\n")
+
+
+def test_audit_section_is_read_with_paths_relative_to_the_file():
+    cfg = _parse('[audit]\ncheckpoint_every = 10\ncheckpoint_interval = "30s"\nkey_path = "keys/audit.key"\n'
+                 'anchor_dir = "/srv/anchors"\nrefusal_summary_interval = "10s"\n')
+    a = cfg.audit
+    assert (a.checkpoint_every, a.checkpoint_interval, a.anchor_dir, a.refusal_summary_interval) == (
+        10, 30.0, "/srv/anchors", 10.0)
+    assert a.key_path == str(pathlib.Path(PATH).resolve().parent / "keys" / "audit.key")
+    d = _parse("").audit
+    assert (d.checkpoint_every, d.checkpoint_interval) == (1000, 300.0)
+    assert (d.key_file("/var/lib/sandboxd"), d.anchor_directory("/var/lib/sandboxd")) == (
+        "/var/lib/sandboxd/audit.key", "/var/lib/sandboxd/anchors")
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("checkpoint_every = 0", "audit.checkpoint_every: expected a positive value"),
+    ("checkpoint_every = -1", "audit.checkpoint_every: expected a non-negative integer"),
+    ('checkpoint_interval = "0s"', "audit.checkpoint_interval: expected a positive value"),
+    ('refusal_summary_interval = "soon"', "audit.refusal_summary_interval"),
+    ("key_path = 1", "audit.key_path: expected a string"),
+    ("anchors = 1", "audit.anchors: unknown key"),
+])
+def test_audit_section_errors_name_the_key(text, expected):
+    assert expected in _error(f"[audit]\n{text}\n")

@@ -410,3 +410,41 @@ def test_sigkill_mid_append_leaves_a_verifiable_chain(tmp_path):
             s.mark_interrupted("killed")
             s.append("config.loaded", {"attempt": attempt})
         assert verify(path).ok
+
+
+def test_a_runs_code_and_stored_output_are_stored_once(tmp_path):
+    """Fault 9: the code was in the run.requested event and again in runs.record. The chain must hold it, so the
+    events keep it and get_run reads it back from there."""
+    path = tmp_path / "audit.db"
+    code, out = "print('" + "unique-code-marker " * 500 + "')", "b3V0cHV0LW1hcmtlcg=="
+    with Store(path) as s:
+        s.run_requested("r1", request(code=code))
+        s.run_finished("r1", result(stdout_stored_b64=out))
+        run = s.get_run("r1")
+        assert run["code"] == code and run["stdout_stored_b64"] == out
+        assert "code" not in s.list_runs()[0]      # lists never carry megabytes of code
+    con = sqlite3.connect(path)
+    try:
+        tables = {t: sum(text.count("unique-code-marker") for text, in con.execute(f"SELECT {c} FROM {t}"))
+                  for t, c in (("events", "data"), ("runs", "record"))}
+    finally:
+        con.close()
+    assert tables == {"events": 500, "runs": 0}
+    assert verify(path).ok
+
+
+def test_migration_2_drops_the_copied_code_from_old_records(tmp_path):
+    path = tmp_path / "audit.db"
+    with Store(path) as s:
+        s.run_requested("r1", request(code="print(1)"))
+        s.run_finished("r1", result())
+    # What a version-1 store held: the code copied into runs.record.
+    con = sqlite3.connect(path, isolation_level=None)
+    record = json.loads(con.execute("SELECT record FROM runs").fetchone()[0])
+    con.execute("UPDATE runs SET record = ?", (store.canon({**record, "code": "print(1)"}),))
+    con.execute("UPDATE schema_version SET version = 1")
+    con.close()
+    assert not verify(path).ok
+    with Store(path) as s:
+        assert s.get_run("r1")["code"] == "print(1)"
+    assert verify(path).ok
