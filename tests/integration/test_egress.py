@@ -216,6 +216,8 @@ print(json.dumps(out))
 
 
 def test_pip_installs_a_wheel_through_the_proxy(egress_daemon):
+    if subprocess.run(["/usr/bin/python3", "-m", "pip", "--version"], capture_output=True).returncode:
+        pytest.skip("the host image has no pip (Debian: python3-pip)")
     out, run_id = run(egress_daemon, PRELUDE + """
 p = subprocess.run([sys.executable, "-m", "pip", "install", "--no-cache-dir", "--disable-pip-version-check",
                     "--index-url", "http://pypi.test:8080/simple/", "--trusted-host", "pypi.test",
@@ -274,6 +276,9 @@ print(json.dumps(out))
     rec = egress_daemon.client().get_run(run_id)
     assert rec["egress"]["connections"] == {"allowed": 0, "denied": 7, "error": 0}
     assert [c["host"] for c in rec["egress"]["listed"]][:2] == ["evil.test", "api.test"]
+    show = subprocess.run([sys.executable, "-m", "sandboxd.cli.ctl", "--target", egress_daemon.target, "runs", "show",
+                           run_id], capture_output=True, text=True, timeout=60)
+    assert "denied   meta.test:80 (169.254.169.254) address:link-local" in show.stdout, show.stdout
     after = scrape(egress_daemon)
     key = 'sandboxd_egress_connections_total{decision="denied"}'
     assert after[key] - before.get(key, 0) == 7
