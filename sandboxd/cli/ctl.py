@@ -182,7 +182,7 @@ def _show_lines(view: dict, prefix: str = "") -> list[tuple[str, str]]:
 def _connection_text(c: dict) -> str:
     """One connection a run made or tried through the egress proxy (docs/network.md)."""
     cut = f" cut:{c['cut']}" if c.get("cut") else ""
-    return (f"{c.get('decision', ''):<8} {c.get('host')}:{c.get('port')} ({c.get('address') or '-'}) {c.get('rule')} "
+    return (f"{c.get('decision', ''):<8} {c.get('destination')}:{c.get('port')} ({c.get('address') or '-'}) {c.get('rule')} "
             f"in={c.get('bytes_in')} out={c.get('bytes_out')}{cut}")
 
 

@@ -97,7 +97,7 @@ class RunEgress:
         task.add_done_callback(self.handlers.discard)
         self.active += 1
         started, at = time.monotonic(), time.time()
-        rec = {"principal": self.principal, "policy": self.egress.policy, "at": at, "mode": None, "host": None,
+        rec = {"principal": self.principal, "policy": self.egress.policy, "at": at, "mode": None, "destination": None,
                "port": None, "address": None, "decision": "denied", "rule": None, "bytes_in": 0, "bytes_out": 0}
         upstream = None
         try:
@@ -150,7 +150,7 @@ class RunEgress:
                 forward = _origin_request(method, url, parts[2], rest)
         except ValueError as e:
             raise _Refused("denied", "bad-request", 400, str(e)) from None
-        rec.update(host=host, port=port)
+        rec.update(destination=host, port=port)
         where = f"{host}:{port}"
         rule = rules.match(self.rules, host, port)
         if rule is None:
@@ -240,7 +240,7 @@ class RunEgress:
         decision = rec["decision"]
         self.counts[decision] += 1
         if len(self.kept) < KEPT:
-            self.kept.append({k: rec[k] for k in ("host", "port", "address", "decision", "rule", "bytes_in",
+            self.kept.append({k: rec[k] for k in ("destination", "port", "address", "decision", "rule", "bytes_in",
                                                   "bytes_out", "duration") if k in rec}
                              | ({"cut": rec["cut"]} if "cut" in rec else {}))
         with contextlib.suppress(Exception):

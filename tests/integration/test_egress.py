@@ -206,7 +206,7 @@ print(json.dumps(out))
     assert out["http"] == [200, "hello"]
     assert out["env"] == ["http://127.0.0.1:3128", "http://127.0.0.1:3128", "localhost,127.0.0.1,::1"]
     seen = events(egress_daemon, run_id)
-    assert [(e["mode"], e["host"], e["port"], e["address"], e["decision"], e["rule"]) for e in seen] == [
+    assert [(e["mode"], e["destination"], e["port"], e["address"], e["decision"], e["rule"]) for e in seen] == [
         ("connect", "api.test", 8443, NET_IP, "allowed", "allow:api.test:8443"),
         ("http", "pypi.test", 8080, NET_IP, "allowed", "allow:pypi.test:8080")]
     assert all(e["principal"] == "root" and e["bytes_in"] > 0 and e["bytes_out"] > 0 for e in seen)
@@ -261,7 +261,7 @@ print(json.dumps(out))
     assert out["loopback_direct"] == "ECONNREFUSED"   # the run's own loopback, not the host's
     assert out["dns"] != "ok"
     assert loopback.accepted == 0, "the proxy connected to a refused address"
-    seen = [(e["host"], e["port"], e["decision"], e["rule"]) for e in events(egress_daemon, run_id)]
+    seen = [(e["destination"], e["port"], e["decision"], e["rule"]) for e in events(egress_daemon, run_id)]
     assert seen == [
         ("evil.test", 8080, "denied", "not-allowed"),
         ("api.test", 9000, "denied", "not-allowed"),
@@ -275,7 +275,7 @@ print(json.dumps(out))
     assert meta["address"] == "169.254.169.254" and meta["bytes_in"] == meta["bytes_out"] == 0
     rec = egress_daemon.client().get_run(run_id)
     assert rec["egress"]["connections"] == {"allowed": 0, "denied": 7, "error": 0}
-    assert [c["host"] for c in rec["egress"]["listed"]][:2] == ["evil.test", "api.test"]
+    assert [c["destination"] for c in rec["egress"]["listed"]][:2] == ["evil.test", "api.test"]
     show = subprocess.run([sys.executable, "-m", "sandboxd.cli.ctl", "--target", egress_daemon.target, "runs", "show",
                            run_id], capture_output=True, text=True, timeout=60)
     assert "denied   meta.test:80 (169.254.169.254) address:link-local" in show.stdout, show.stdout
