@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ConfigError
-from .sandbox.spec import Limits
+from .sandbox.spec import Egress, Limits
 from .units import parse_duration, parse_size
 
 PACKAGE_DIR = pathlib.Path(__file__).resolve().parent
@@ -74,7 +74,8 @@ class Policy:
     principals: tuple[str, ...]          # principal ids, "group:G", "unix-uid:N", "unix-gid:N", "unix-user:U",
                                          # "unix-group:G", "token:NAME", "*"
     runners: tuple[str, ...] = ("*",)
-    network: bool = False
+    network: str = "none"                # "none": lo only; "egress": through the recording proxy, see `egress`
+    egress: Egress | None = None         # set exactly when network == "egress"
     max_concurrent: int = 0              # per principal; 0: only the daemon-wide limit
     runs_per_minute: int = 0             # per principal; 0: unlimited
     store_code: bool = True
@@ -208,6 +209,14 @@ class SessionsConfig:
 
 
 @dataclass(frozen=True)
+class EgressConfig:
+    """How the egress proxy resolves names: "system" (the host's resolver) or "static" (only `hosts`)."""
+
+    resolver: str = "system"
+    hosts: tuple[tuple[str, tuple[str, ...]], ...] = ()
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     level: str = "INFO"
     format: str = "text"                # text or json
@@ -226,6 +235,7 @@ class Config:
     store: StoreConfig = field(default_factory=StoreConfig)
     sessions: SessionsConfig = field(default_factory=SessionsConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
+    egress: EgressConfig = field(default_factory=EgressConfig)
     source: str = "<built-in default>"
 
 
@@ -383,10 +393,11 @@ def parse(text: str, path: str) -> Config:
     st.done()
     sessions = _sessions(path, top.table_of("sessions"))
     audit = _audit(path, _Reader(path, top.table_of("audit"), "audit."))
+    egress = _egress_config(path, top.table_of("egress"))
     top.done()
     return Config(server=server, sandbox=sandbox, admission=admission, logging=logging_cfg,
                   default_limits=default_limits, max_limits=max_limits, identity=identity, tls=tls, store=store,
-                  sessions=sessions, audit=audit, source=path)
+                  sessions=sessions, audit=audit, egress=egress, source=path)
 
 
 def _sessions(path: str, table: dict) -> SessionsConfig:
@@ -428,6 +439,60 @@ def _audit(path: str, r: _Reader) -> AuditConfig:
         if getattr(audit, key) <= 0:
             raise ConfigError(f"{path}: audit.{key}: expected a positive value, got {r.table[key]!r}")
     return audit
+
+
+def _egress_config(path: str, table: dict) -> EgressConfig:
+    from .egress import rules
+    r = _Reader(path, table, "egress.")
+    resolver = r.get("resolver", "str", "system")
+    hosts = r.table_of("hosts")
+    r.done()
+    if resolver not in ("system", "static"):
+        raise ConfigError(f"{path}: egress.resolver: expected \"system\" or \"static\", got {resolver!r}")
+    pinned = []
+    for name, addrs in hosts.items():
+        if isinstance(addrs, str):
+            addrs = [addrs]
+        if (not isinstance(addrs, list) or not addrs or not all(isinstance(a, str) and rules.is_address(a)
+                                                                for a in addrs)):
+            raise ConfigError(f"{path}: egress.hosts.{name}: expected an IP address or a list of them, got {addrs!r}")
+        pinned.append((rules.normalize_host(name), tuple(addrs)))
+    return EgressConfig(resolver, tuple(pinned))
+
+
+def _egress_policy(path: str, prefix: str, r: "_Reader", name: str) -> tuple[str, Egress | None]:
+    """network = "none" | "egress" and the egress keys of one policy; the egress keys without egress are an error,
+    so a policy never looks more open (or more closed) than it is."""
+    from .egress import rules
+    network = r.get("network", "str", "none")
+    keys = ("egress_allow", "egress_allow_networks", "egress_max_connections", "egress_max_bytes_in",
+            "egress_max_bytes_out", "egress_max_connection_time")
+    if network not in ("none", "egress"):
+        raise ConfigError(f"{path}: {prefix}network: expected \"none\" or \"egress\", got {network!r}")
+    given = [k for k in keys if k in r.table]
+    if network == "none":
+        if given:
+            raise ConfigError(f"{path}: {prefix}{given[0]}: only meaningful with network = \"egress\"")
+        return network, None
+    d = Egress(policy=name)
+    allow = r.get("egress_allow", "strs", ())
+    networks = r.get("egress_allow_networks", "strs", ())
+    for key, items, check in (("egress_allow", allow, rules.parse_rule),
+                              ("egress_allow_networks", networks, rules.parse_network)):
+        for item in items:
+            try:
+                check(item)
+            except ValueError as e:
+                raise ConfigError(f"{path}: {prefix}{key}: {e}") from None
+    egress = Egress(policy=name, allow=allow, networks=networks,
+                    max_connections=r.get("egress_max_connections", "int", d.max_connections),
+                    max_bytes_in=r.get("egress_max_bytes_in", "size", d.max_bytes_in),
+                    max_bytes_out=r.get("egress_max_bytes_out", "size", d.max_bytes_out),
+                    max_connection_time=r.get("egress_max_connection_time", "duration", d.max_connection_time))
+    if egress.max_connections < 1 or egress.max_connection_time <= 0:
+        raise ConfigError(f"{path}: {prefix}egress_max_connections: expected at least 1 connection and a positive "
+                          f"egress_max_connection_time")
+    return network, egress
 
 
 def _tls(path: str, table: dict) -> TlsConfig:
@@ -499,9 +564,10 @@ def _identity(path: str, top: _Reader, max_limits: Limits) -> Identity:
         if "limits" in r.table:
             ceiling = read_limits(path, r.table_of("limits"), f"policies[{i}].limits.", max_limits)
             check_within(path, f"policies[{i}].limits.", ceiling, max_limits)
+        network, egress = _egress_policy(path, f"policies[{i}].", r, name)
         policy = Policy(
             name=name, principals=r.get("principals", "strs", ()), runners=r.get("runners", "strs", ("*",)),
-            network=r.get("network", "bool", False), max_concurrent=r.get("max_concurrent", "int", 0),
+            network=network, egress=egress, max_concurrent=r.get("max_concurrent", "int", 0),
             runs_per_minute=r.get("runs_per_minute", "int", 0), store_code=r.get("store_code", "bool", True),
             store_output=r.get("store_output", "bool", False), limits=ceiling,
             sessions=r.get("sessions", "bool", True), max_sessions=r.get("max_sessions", "int", 0),
@@ -515,9 +581,6 @@ def _identity(path: str, top: _Reader, max_limits: Limits) -> Identity:
                 raise ConfigError(f"{path}: policies[{i}].principals[{j}]: {who!r} matches no caller; name a "
                                   f"certificate by its principal id (its URI SAN, or \"x509-cn:<CN>\") or map it "
                                   f"to a name with [[principals]] cert_ids")
-        if policy.network:
-            raise ConfigError(f"{path}: policies[{i}].network: network access for runs is not implemented; "
-                              f"every run has only its own loopback (set false or remove)")
         policies.append(policy)
     if not principals and not tokens and not policies:
         return default_identity()  # a file that only tunes limits keeps the safe built-in access rules

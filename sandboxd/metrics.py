@@ -46,6 +46,11 @@ class Metrics:
                                      registry=r)
         self.file_bytes = Counter("sandboxd_session_file_bytes", "Bytes of files moved into or out of sandboxes.",
                                   ["direction"], registry=r)
+        self.egress_connections = Counter("sandboxd_egress_connections",
+                                          "Egress connection attempts of runs, by the proxy's decision.",
+                                          ["decision"], registry=r)
+        self.egress_bytes = Counter("sandboxd_egress_bytes", "Bytes relayed by the egress proxy (in: to runs).",
+                                    ["direction"], registry=r)
         self.build = Gauge("sandboxd_build_info", "Version of the running daemon.", ["version"], registry=r)
         self.build.labels(__version__).set(1)
         for reason in REJECT_REASONS:
@@ -56,6 +61,10 @@ class Metrics:
             self.reloads.labels(result)
         for direction in ("in", "out"):
             self.file_bytes.labels(direction)
+        for decision in ("allowed", "denied", "error"):
+            self.egress_connections.labels(decision)
+        for direction in ("in", "out"):
+            self.egress_bytes.labels(direction)
 
     def rejected(self, reason: str) -> None:
         # not_found / too_large / unavailable are all the caller's mistake: counted as "invalid".
@@ -63,6 +72,11 @@ class Metrics:
 
     def queue_wait(self, seconds: float) -> None:
         self.queue_wait_s.observe(seconds)
+
+    def egress_connection(self, decision: str, bytes_in: int, bytes_out: int) -> None:
+        self.egress_connections.labels(decision).inc()
+        self.egress_bytes.labels("in").inc(bytes_in)
+        self.egress_bytes.labels("out").inc(bytes_out)
 
     def run_finished(self, runner: str, result) -> None:
         self.runs.labels(runner, result.outcome.value).inc()

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from .config import ENV_NAME_RE, Identity, Policy
 from .errors import InvalidRequest, NotAllowed, NotFound, TooLarge, Unavailable
 from .runners import Runner
-from .sandbox.spec import File, ImageSpec, Limits, RunSpec, SeccompProgram
+from .sandbox.spec import Egress, File, ImageSpec, Limits, RunSpec, SeccompProgram
 
 MAX_ARGS = 1024
 MAX_FILES = 256
@@ -99,7 +99,8 @@ def _check_path(path: str) -> str:
 def plan_run(req: RunRequest, runners: dict[str, Runner], images: dict[str, ImageSpec],
              seccomp: dict[str, SeccompProgram], run_id: str, max_request_bytes: int,
              stop_on_output_limit: bool = True, ceiling: Limits | None = None,
-             collect_max: int = 16 << 20, landlock_min_abi: int = 1) -> tuple[RunSpec, tuple[str, ...]]:
+             collect_max: int = 16 << 20, landlock_min_abi: int = 1,
+             egress: Egress | None = None) -> tuple[RunSpec, tuple[str, ...]]:
     """Return the RunSpec (uid/gid still 0: the supervisor allocates them) and the env names dropped by the
     runner's allowlist (recorded, not an error: the allowlist is a filter)."""
     if not RUNNER_RE.match(req.runner):
@@ -136,6 +137,8 @@ def plan_run(req: RunRequest, runners: dict[str, Runner], images: dict[str, Imag
         seen.add(path)
         files.append(File(path, data, 0o644))
     limits = resolve_limits(req.limits, runner, ceiling)
+    if egress is not None:
+        env.update(proxy_env(egress))
     workdir = "/work"
     argv = tuple(f"{workdir}/{runner.script}" if part == "{script}" else part for part in runner.command)
     if len(req.collect) > 64:
@@ -149,8 +152,18 @@ def plan_run(req: RunRequest, runners: dict[str, Runner], images: dict[str, Imag
         run_id=run_id, argv=argv + tuple(req.args), env=tuple(sorted(env.items())), image=images[runner.image],
         seccomp=seccomp[runner.seccomp], limits=limits, files=tuple(files), workdir=workdir,
         stop_on_output_limit=stop_on_output_limit, collect=tuple(req.collect), collect_max=collect_max,
-        landlock_min_abi=landlock_min_abi)
+        landlock_min_abi=landlock_min_abi, network="egress" if egress else "none", egress=egress)
     return spec, tuple(dropped)
+
+
+def proxy_env(egress: Egress) -> dict[str, str]:
+    """The variables that send HTTP clients to the run's proxy listener, both spellings (curl reads only the
+    lower-case http_proxy; Python reads either). They override the caller's: no other proxy is reachable."""
+    url = f"http://127.0.0.1:{egress.port}"
+    env = {}
+    for name, value in (("http_proxy", url), ("https_proxy", url), ("no_proxy", "localhost,127.0.0.1,::1")):
+        env[name] = env[name.upper()] = value
+    return env
 
 
 def plan_session(runner_name: str, runners: dict[str, Runner], images: dict[str, ImageSpec],

@@ -582,7 +582,7 @@ class SandboxService(SessionService, pb_grpc.SandboxServicer):
             spec, dropped_env = policy.plan_run(
                 req, catalog.runners, catalog.images, catalog.seccomp, run_id, cfg.server.max_request_bytes,
                 cfg.sandbox.stop_on_output_limit, ceiling=allowed.limits, collect_max=cfg.sessions.collect_limit,
-                landlock_min_abi=cfg.sandbox.landlock_required_abi)
+                landlock_min_abi=cfg.sandbox.landlock_required_abi, egress=allowed.egress)
         except SandboxError as err:
             await self._refused("run", run_id, record, err, context)
             return
@@ -636,7 +636,8 @@ class SandboxService(SessionService, pb_grpc.SandboxServicer):
     async def _run(self, spec, stdin: bytes, accepted: float, runner: str, store_output: bool, t: Tracked):
         d = self.d
         try:
-            run = await d.supervisor.start(spec, stdin, accepted, keep_output=d.STORED_OUTPUT if store_output else 0)
+            run = await d.supervisor.start(spec, stdin, accepted, keep_output=d.STORED_OUTPUT if store_output else 0,
+                                           principal=t.principal)
         except SetupFailed as err:
             result = RunResult(spec.run_id, Outcome.SETUP_FAILED, message=str(err))
             await d.finish(spec.run_id, result, runner)

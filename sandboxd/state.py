@@ -23,6 +23,8 @@ from . import __version__, audit, config as config_mod, runners as runners_mod, 
 from .admission import Admission, RateLimiter, default_max_concurrent
 from .auth import Authenticator, UnixPeerProxy
 from .config import Config
+from .egress.proxy import EgressProxy
+from .egress.resolver import Resolver
 from .errors import ConfigError, Stopped
 from .metrics import Metrics
 from .runners import Runner
@@ -96,7 +98,9 @@ class Daemon:
                                  cgroup_parent_path=cfg.sandbox.cgroup_parent_path or None,
                                  log_level=cfg.logging.level, log_format=cfg.logging.format)
         self.uids = UidPool(cfg.sandbox.uid_start, cfg.sandbox.uid_count)
-        self.supervisor = Supervisor(self.launcher, self.uids)
+        self.egress = EgressProxy(Resolver(cfg.egress.resolver, dict(cfg.egress.hosts)), self.record_event,
+                                  self.metrics)
+        self.supervisor = Supervisor(self.launcher, self.uids, self.egress)
         # Never more concurrent runs than uids to give them, keeping the uids live sessions may hold.
         slots = min(cfg.admission.max_concurrent or default_max_concurrent(), self._run_uids(cfg))
         self.admission = Admission(slots, cfg.admission.max_queue, cfg.admission.max_queue_wait,
@@ -247,6 +251,7 @@ class Daemon:
         self.catalog = catalog
         if tls_material is not None and self.tls.update(tls_material):
             log.info("reload: new TLS connections use the server certificate and client CA read now")
+        self.egress.resolver = Resolver(new.egress.resolver, dict(new.egress.hosts))
         self.admission.reconfigure(min(new.admission.max_concurrent or default_max_concurrent(),
                                        self._run_uids(self.config)),
                                    new.admission.max_queue, new.admission.max_queue_wait,

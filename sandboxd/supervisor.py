@@ -74,9 +74,12 @@ class RunResult:
     stored_stderr: bytes = b""
     files: tuple = ()                    # collected files: {"path", "mode", "data"}
     files_truncated: bool = False
+    egress: dict | None = None           # the proxy's summary, runs with egress only
 
     def as_record(self) -> dict:
         d = dataclasses.asdict(self)
+        if d["egress"] is None:
+            del d["egress"]
         d["outcome"] = self.outcome.value
         d["files"] = [{"path": f["path"], "size": len(f["data"]), "sha256": hashlib.sha256(f["data"]).hexdigest()}
                       for f in self.files]
@@ -158,6 +161,7 @@ class ActiveRun:
         self.task: asyncio.Task | None = None
         self.collected: list[dict] = []
         self.collect_truncated = False
+        self.egress = None   # RunEgress, for runs with egress
 
     async def output(self) -> AsyncIterator[tuple[str, bytes]]:
         """("stdout" | "stderr", chunk) in the order read, until both streams are closed."""
@@ -175,11 +179,12 @@ class ActiveRun:
 
 
 class Supervisor:
-    def __init__(self, launcher: Launcher, uids: UidPool):
-        self.launcher, self.uids = launcher, uids
+    def __init__(self, launcher: Launcher, uids: UidPool, egress=None):
+        self.launcher, self.uids, self.egress = launcher, uids, egress
         self.active: dict[str, ActiveRun] = {}
 
-    async def start(self, spec: RunSpec, stdin: bytes, accepted_at: float, keep_output: int = 0) -> ActiveRun:
+    async def start(self, spec: RunSpec, stdin: bytes, accepted_at: float, keep_output: int = 0,
+                    principal: str = "") -> ActiveRun:
         """Allocate a uid, hand the run to the launcher and start streaming. Raises SetupFailed or Overloaded
         before anything runs; after that, every failure is part of the RunResult."""
         uid = self.uids.take()
@@ -203,6 +208,9 @@ class Supervisor:
             if col_w >= 0:
                 os.close(col_w)
         self.active[spec.run_id] = run
+        if spec.egress is not None:
+            run.egress = self.egress.open(spec, principal)
+            asyncio.ensure_future(run.egress.serve(run.handle.egress)).add_done_callback(_quiet)
         run.task = asyncio.create_task(self._run(run, out_r, err_r, accepted_at, col_r))
         return run
 
@@ -260,6 +268,9 @@ class Supervisor:
         finally:
             self.active.pop(spec.run_id, None)
             self.uids.give_back(spec.uid, fin.clean)
+        egress = None
+        if run.egress is not None:  # every connection's record is written before the run's own
+            egress = await run.egress.close()
         if run.cancel_reason and not fin.kill_reason and not fin.setup_error:
             fin = dataclasses.replace(fin, kill_reason=run.cancel_reason)
         started = handle.started.result() if handle.started.done() and not handle.started.cancelled() else None
@@ -278,7 +289,8 @@ class Supervisor:
             stdout_sha256=stats["stdout"].sha256.hexdigest(), stderr_sha256=stats["stderr"].sha256.hexdigest(),
             message=message, setup_seconds=(exec_at - accepted_at) if exec_at else None, oom_kills=fin.oom_kills,
             landlock_abi=fin.landlock_abi, stored_stdout=bytes(stats["stdout"].kept),
-            stored_stderr=bytes(stats["stderr"].kept), files=tuple(run.collected), files_truncated=run.collect_truncated))
+            stored_stderr=bytes(stats["stderr"].kept), files=tuple(run.collected), files_truncated=run.collect_truncated,
+            egress=egress))
 
     async def _pump(self, fd: int, name: str, st: StreamStats, run: ActiveRun, limited: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
@@ -310,3 +322,9 @@ class Supervisor:
     async def cancel_all(self, reason: str) -> None:
         for run in list(self.active.values()):
             await run.cancel(reason)
+
+
+def _quiet(fut: asyncio.Future) -> None:
+    """A run that ends before its listener arrives cancels the wait; anything else is worth a log line."""
+    if not fut.cancelled() and fut.exception() is not None:
+        log.error("egress listener not served: %r", fut.exception())

@@ -172,9 +172,18 @@ def _show_lines(view: dict, prefix: str = "") -> list[tuple[str, str]]:
             continue  # payloads, and the agent fields already shown as agent.name and agent.version
         if isinstance(value, dict) and value:
             lines += _show_lines(value, f"{prefix}{key}.")
+        elif prefix == "egress." and key == "listed" and isinstance(value, list):
+            lines += [(f"egress.listed.{i}", _connection_text(c)) for i, c in enumerate(value)]
         else:
             lines.append((f"{prefix}{key}", _text(value)))
     return lines
+
+
+def _connection_text(c: dict) -> str:
+    """One connection a run made or tried through the egress proxy (docs/network.md)."""
+    cut = f" cut:{c['cut']}" if c.get("cut") else ""
+    return (f"{c.get('decision', ''):<8} {c.get('destination')}:{c.get('port')} ({c.get('address') or '-'}) {c.get('rule')} "
+            f"in={c.get('bytes_in')} out={c.get('bytes_out')}{cut}")
 
 
 def cmd_runs_show(args) -> int:

@@ -7,6 +7,10 @@ daemon): the launcher is single-threaded, so Python after fork() is safe here.
                 `          reports "exec" (or why setup failed), reaps, relays the payload's status, exits
                 `- payload  rlimits -> credentials -> close fds -> seccomp (last) -> execve
 
+A run with network = "egress" gets one more step in init, `egress` (after loopback): the proxy's listener is made
+inside the run's namespace and sent to the launcher through `egress_fd` (see sandbox/egress.py); nothing else
+about the namespace changes.
+
 When init exits, the kernel kills every other process of the pid namespace; the launcher then kills and removes
 the cgroup, which catches anything that could have escaped the namespace. Each step runs through `_step`, so a
 failure names the step and the run fails closed with outcome setup_failed: the payload is never exec'd with
@@ -23,10 +27,9 @@ from __future__ import annotations
 import json
 import os
 import signal
-
 import socket
 
-from . import _libc, creds, files, init as session_init, landlock, namespaces, rlimits, rootfs, seccomp
+from . import _libc, creds, egress, files, init as session_init, landlock, namespaces, rlimits, rootfs, seccomp
 from .spec import RunSpec
 
 SETUP_FAILED = 121
@@ -67,13 +70,14 @@ def _join_cgroup(paths: list[str]) -> None:
 
 
 def keeper(spec: RunSpec, stdio: tuple[int, int, int], status_fd: int, join_paths: list[str], staging: str,
-           cap_last: int, extra_fd: int = -1) -> None:
+           cap_last: int, extra_fd: int = -1, egress_fd: int = -1) -> None:
     """Entry point right after the launcher's fork(). Never returns. `extra_fd` is the session's control
-    socket (sessions) or the pipe collected files go to (one-shot runs with collect patterns)."""
+    socket (sessions) or the pipe collected files go to (one-shot runs with collect patterns); `egress_fd` the
+    launcher's channel for the proxy listener (runs and sessions with egress)."""
     code = SETUP_FAILED
     try:
         _libc.prctl(_libc.PR_SET_PDEATHSIG, signal.SIGKILL)  # the launcher died: so does the run
-        close_fds_except({*stdio, status_fd, extra_fd} - {-1})
+        close_fds_except({*stdio, status_fd, extra_fd, egress_fd} - {-1})
         # Hold 0-2 on /dev/null so no later pipe or file lands there and is clobbered by the payload's dup2.
         while (fd := os.open("/dev/null", os.O_RDWR)) <= 2:
             pass
@@ -85,11 +89,12 @@ def keeper(spec: RunSpec, stdio: tuple[int, int, int], status_fd: int, join_path
         _step(status_fd, "namespaces", namespaces.apply)
         pid = os.fork()
         if pid == 0:
-            _init(spec, stdio, status_fd, staging, cap_last, extra_fd, zygote_pair)
+            _init(spec, stdio, status_fd, staging, cap_last, extra_fd, egress_fd, zygote_pair)
         for fd in stdio:
             os.close(fd)
-        if extra_fd >= 0:
-            os.close(extra_fd)
+        for fd in (extra_fd, egress_fd):
+            if fd >= 0:
+                os.close(fd)
         for sock in zygote_pair or ():
             sock.close()
         _, status = os.waitpid(pid, 0)
@@ -100,12 +105,13 @@ def keeper(spec: RunSpec, stdio: tuple[int, int, int], status_fd: int, join_path
 
 
 def _init(spec: RunSpec, stdio: tuple[int, int, int], status_fd: int, staging: str, cap_last: int,
-          extra_fd: int = -1, zygote_pair=None) -> None:
+          extra_fd: int = -1, egress_fd: int = -1, zygote_pair=None) -> None:
     code = SETUP_FAILED
     try:
         _libc.prctl(_libc.PR_SET_PDEATHSIG, signal.SIGKILL)
         _step(status_fd, "hostname", namespaces.set_hostname, spec.hostname)
         _step(status_fd, "loopback", namespaces.loopback_up)
+        _step(status_fd, "egress", setup_egress, spec, egress_fd)
         _step(status_fd, "rootfs", rootfs.apply, spec, staging)
         if spec.session:
             for fd in stdio:
@@ -158,6 +164,14 @@ def _collect(spec: RunSpec, out_fd: int, cap_last: int) -> None:
             return
         if done == pid:
             return
+def setup_egress(spec: RunSpec, egress_fd: int) -> None:
+    """The network step after loopback, also for a session's init: a run with egress hands its proxy listener
+    out (and must have a channel for it); any other run keeps a namespace with `lo` only."""
+    if spec.network == "none":
+        return
+    if spec.network != "egress" or spec.egress is None or egress_fd < 0:
+        raise ValueError(f"network {spec.network!r}: expected \"none\", or \"egress\" with an egress channel")
+    egress.hand_over(spec.egress.port, egress_fd)
 
 
 def _reap_until(main: int, status_fd: int, report: bool) -> int:

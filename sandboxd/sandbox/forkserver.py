@@ -16,6 +16,7 @@ Protocol (SOCK_SEQPACKET, one JSON object per message):
                       {"op": "call", "run_id", "call": {...}} + fds   (forwarded to the session's init, init.py)
                       {"op": "kill", "run_id", "reason"}   {"op": "ping"}   {"op": "shutdown"}
   launcher -> daemon  {"ev": "ready", "driver"}  {"ev": "pong", "runs"}
+                      {"ev": "egress", "run_id"} + SCM_RIGHTS [listener]  (runs with egress, before "started")
                       {"ev": "started", "run_id", "at"}    (the payload's execve succeeded; a session is up)
                       {"ev": "call", "run_id", "msg": {...}} + fds   (what a session's init reported)
                       {"ev": "finished", "run_id", ...}   (see launcher.Finished)
@@ -63,6 +64,7 @@ class Run:
         self.buf = b""
         self.ctl: socket.socket | None = None   # sessions: the control socket to init
 
+        self.egress_r: socket.socket | None = None   # egress: the channel init sends its listener on
 
 class Removal:
     """A finished run whose cgroup is not gone yet, and the "finished" message that waits for it."""
@@ -206,6 +208,7 @@ class ForkServer:
         else:
             stdio = (fds[1], fds[2], fds[3])
             extra = fds[4] if len(fds) == 5 else -1
+        egress_r, egress_w = egress_channel(spec)
         try:
             join = cg.join_paths()
             pid = os.fork()
@@ -215,12 +218,16 @@ class ForkServer:
             for sock in (ctl, theirs):
                 if sock is not None:
                     sock.close()
+            for sock in (egress_r, egress_w):
+                if sock is not None:
+                    sock.close()
             self._remove_cgroup(cg)
             self.send(ev="finished", run_id=run_id, setup_error=f"launcher: fork: {e}", clean=True)
             return
         if pid == 0:
             try:
-                child.keeper(spec, stdio, status_w, join, self.staging, self.cap_last, extra)
+                child.keeper(spec, stdio, status_w, join, self.staging, self.cap_last, extra,
+                             egress_w.fileno() if egress_w is not None else -1)
             finally:
                 os._exit(child.SETUP_FAILED)
         os.close(status_w)
@@ -232,6 +239,10 @@ class ForkServer:
             run.ctl = ctl
             run.deadline = time.monotonic() + spec.lifetime + SETUP_GRACE
             self.sel.register(ctl, selectors.EVENT_READ, lambda _f, r=run: self.on_call_event(r))
+        if egress_w is not None:
+            egress_w.close()
+            run.egress_r = egress_r
+            self.sel.register(egress_r, selectors.EVENT_READ, lambda _f, r=run: self.on_egress(r))
         self.runs[run_id] = run
         os.set_blocking(status_r, False)
         self.sel.register(status_r, selectors.EVENT_READ, lambda _f, r=run: self.on_status(r))
@@ -300,6 +311,30 @@ class ForkServer:
             log.error("run %s: kill failed: %s; killing the keeper", run_id, e)
             os.kill(run.pid, signal.SIGKILL)
 
+    def on_egress(self, run: Run) -> None:
+        """Pass the run's proxy listener on to the daemon, once; the launcher keeps no copy."""
+        if run.egress_r is None:  # the run ended earlier in the same select() batch
+            return
+        try:
+            _msg, fds, _flags, _addr = socket.recv_fds(run.egress_r, 64, 1, socket.MSG_CMSG_CLOEXEC)
+        except BlockingIOError:
+            return
+        except OSError:
+            fds = []
+        self._close_egress(run)
+        if fds:
+            try:
+                self.send(fds=fds[:1], ev="egress", run_id=run.spec.run_id)
+            finally:
+                for fd in fds:
+                    os.close(fd)
+
+    def _close_egress(self, run: Run) -> None:
+        if run.egress_r is not None:
+            self.sel.unregister(run.egress_r)
+            run.egress_r.close()
+            run.egress_r = None
+
     def on_status(self, run: Run) -> None:
         if run.status_r < 0:  # on_exit already drained and closed it earlier in the same select() batch
             return
@@ -360,6 +395,7 @@ class ForkServer:
             except (KeyError, ValueError):
                 pass
             run.ctl.close()
+        self._close_egress(run)
         ended = time.time()
         sigsys = None
         if self.kmsg is not None:
@@ -461,6 +497,16 @@ class KernelLog:
                 if len(self.seccomp_kills) > 4096:
                     self.seccomp_kills.clear()
                 self.seccomp_kills[uid] = {"arch": arch, "nr": nr}
+
+
+def egress_channel(spec: RunSpec) -> tuple[socket.socket | None, socket.socket | None]:
+    """The step that readies egress for a run before fork, also for a session: a channel on which the run's
+    init sends its proxy listener (see child.setup_egress). None, None for a run without egress."""
+    if spec.network != "egress":
+        return None, None
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    ours.setblocking(False)
+    return ours, theirs
 
 
 def _read_fd(fd: int) -> bytes:

@@ -14,7 +14,9 @@ buffers are not), a sealed memfd with stdin, and the write ends of the stdout an
 keeps the read ends and streams from them; it never sees a path inside a sandbox. The launcher answers with
 "started" when the payload's execve succeeded and "finished" once the run's processes are dead and its cgroup
 is removed, carrying the exit status, the kill reason (timeout, cpu_time, output_limit, cancelled...) and the
-usage read from the cgroup.
+usage read from the cgroup. For a run with egress it first sends "egress" with one descriptor: the listening
+socket the run's init made inside the run's network namespace, which the daemon's egress proxy serves
+(RunHandle.egress).
 
 If the launcher dies, every run dies with it (PR_SET_PDEATHSIG); pending runs finish as setup_failed or
 cancelled and the next start() spawns a new launcher, which removes any cgroup the old one left.
@@ -68,6 +70,7 @@ class RunHandle:
         self.launcher, self.run_id = launcher, run_id
         self.started: asyncio.Future[float] = loop.create_future()
         self.finished: asyncio.Future[Finished] = loop.create_future()
+        self.egress: asyncio.Future[socket.socket] = loop.create_future()   # the proxy listener, egress runs only
 
     async def kill(self, reason: str) -> None:
         await self.launcher.send({"op": "kill", "run_id": self.run_id, "reason": reason})
@@ -268,7 +271,8 @@ class Launcher:
     def _on_readable(self) -> None:
         while self.sock is not None:
             try:
-                data, anc, _flags, _addr = self.sock.recvmsg(1 << 20, socket.CMSG_SPACE(8 * 4))
+                data, anc, _flags, _addr = self.sock.recvmsg(1 << 20, socket.CMSG_SPACE(8 * 4),
+                                                             socket.MSG_CMSG_CLOEXEC)
             except BlockingIOError:
                 return
             except OSError:
@@ -288,6 +292,12 @@ class Launcher:
 
     def _dispatch(self, msg: dict, fds: list[int] = ()) -> None:
         ev = msg.get("ev")
+        if ev == "egress" and len(fds) == 1:
+            handle = self.runs.get(msg.get("run_id"))
+            fut = getattr(handle, "egress", None)
+            if fut is not None and not fut.done():
+                fut.set_result(socket.socket(fileno=fds[0]))
+                return
         if ev == "call":
             handle = self.runs.get(msg.get("run_id", ""))
             if isinstance(handle, SessionHandle):
@@ -296,7 +306,7 @@ class Launcher:
                 for fd in fds:
                     os.close(fd)
             return
-        for fd in fds:
+        for fd in fds:  # a descriptor nobody asked for is closed, never leaked
             os.close(fd)
         if ev in ("ready", "failed"):
             if self._ready is not None and not self._ready.done():
@@ -317,6 +327,8 @@ class Launcher:
                 fin = Finished(**{k: v for k, v in msg.items() if k in Finished.__dataclass_fields__})
                 if not handle.started.done():
                     handle.started.set_result(None)
+                if not handle.egress.done():
+                    handle.egress.cancel()
                 handle.finished.set_result(fin)
 
     def _closed(self) -> None:
@@ -334,6 +346,8 @@ class Launcher:
             if not handle.finished.done():
                 handle.finished.set_result(Finished(run_id, setup_error="launcher: exited during the run",
                                                     kill_reason="launcher_died", clean=False))
+            if not handle.egress.done():
+                handle.egress.cancel()
         self.runs.clear()
         for fut in self._pongs:
             if not fut.done():

@@ -66,6 +66,22 @@ class File:
 
 
 @dataclass(frozen=True)
+class Egress:
+    """What a run with network = "egress" may reach, and how much. Init listens on 127.0.0.1:port inside the
+    run's network namespace and hands that socket to the daemon's proxy, which enforces the rest; nothing here
+    opens a route."""
+
+    policy: str                          # named in refusals and records
+    allow: tuple[str, ...] = ()          # "host:port", "*.suffix:port", "1.2.3.4:port", "[v6]:port"
+    networks: tuple[str, ...] = ()       # non-public CIDRs the policy opens on purpose (else refused)
+    port: int = 3128
+    max_connections: int = 8             # at once
+    max_bytes_in: int = 256 << 20        # per run, destination -> run
+    max_bytes_out: int = 16 << 20        # per run, run -> destination
+    max_connection_time: float = 60.0    # seconds per connection
+
+
+@dataclass(frozen=True)
 class RunSpec:
     run_id: str
     argv: tuple[str, ...]
@@ -79,7 +95,8 @@ class RunSpec:
     uid: int = 0                     # allocated per run by the daemon; 0 is refused by the launcher
     gid: int = 0
     user: str = "sandbox"
-    network: str = "none"
+    network: str = "none"            # "none" (lo only) or "egress" (lo + a proxy listener, see Egress)
+    egress: Egress | None = None
     stop_on_output_limit: bool = True
     # Sessions: init stays up as a command server (init.py) for `lifetime` seconds at most, instead of running
     # argv once. support_files are written read-only under /.sandboxd (the kernel script), before any payload.
@@ -108,6 +125,8 @@ class RunSpec:
             files=tuple(File(**f) for f in d["files"]),
             support_files=tuple(File(**f) for f in d.get("support_files", ())),
             collect=tuple(d.get("collect", ())),
+            egress=Egress(**{k: tuple(v) if isinstance(v, list) else v for k, v in d["egress"].items()})
+            if d.get("egress") else None,
             **{k: d[k] for k in ("workdir", "hostname", "uid", "gid", "user", "network", "stop_on_output_limit",
                                  "session", "lifetime", "collect_max", "landlock_min_abi") if k in d},
         )
