@@ -1,4 +1,4 @@
-"""`sandboxd`: serve, check-config, audit. Runs the daemon in the foreground (systemd or `make run` supervise it).
+"""`sandboxd`: serve, check-config, audit, mcp. Runs the daemon in the foreground (systemd or `make run` supervise it).
 
 Start-up order matters: configuration and seccomp programs first (fail fast on a bad file), then the launcher
 (before any gRPC thread exists), then the store, then the gRPC server. SIGTERM/SIGINT stop accepting, refuse
@@ -418,6 +418,44 @@ def cmd_audit_export(args) -> int:
     return 0
 
 
+def cmd_mcp(args) -> int:
+    """An MCP server in front of a running daemon (sandboxd.integrations.mcp; needs the `mcp` extra)."""
+    try:
+        from ..integrations.mcp import MCP_VERSION, SandboxdMCP, serve_http, serve_stdio
+    except ImportError as e:
+        print(f"sandboxd mcp: {e}: install the mcp extra (pip install 'sandboxd[mcp]')", file=sys.stderr)
+        return 2
+    from ..aio import AsyncClient
+
+    def client():
+        return AsyncClient(args.target, token=args.token, tls_ca=args.tls_ca, tls_cert=args.tls_cert,
+                           tls_key=args.tls_key, agent_name="mcp", agent_version=MCP_VERSION)
+    app = SandboxdMCP(client, default_runner=args.runner)
+    if not args.http:
+        asyncio.run(serve_stdio(app))
+        return 0
+    host, _, port = args.http.rpartition(":")
+    host = host.strip("[]")
+    if not host or not port.isdigit():
+        print(f"sandboxd mcp: --http {args.http!r}: expected HOST:PORT (e.g. 127.0.0.1:8765)", file=sys.stderr)
+        return 2
+    token = os.environ.get("SANDBOXD_MCP_TOKEN", "")
+    if args.token_file:
+        try:
+            with open(args.token_file) as f:
+                token = f.read().strip()
+        except OSError as e:
+            print(f"sandboxd mcp: --token-file: {e}", file=sys.stderr)
+            return 2
+    if not token:
+        print("sandboxd mcp: --http needs a bearer token for its clients: --token-file FILE or "
+              "$SANDBOXD_MCP_TOKEN (make one with `sandboxd token new mcp`)", file=sys.stderr)
+        return 2
+    asyncio.run(serve_http(app, host, int(port), token,
+                           ready=lambda url: print(f"sandboxd mcp: serving {url}", file=sys.stderr, flush=True)))
+    return 0
+
+
 @quiet_on_broken_pipe
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="sandboxd", description="Run untrusted scripts in fresh Linux sandboxes.")
@@ -461,6 +499,19 @@ def main(argv: list[str] | None = None) -> int:
     ae.add_argument("--key", metavar="FILE", help="the signing key, when audit.key_path moved it")
     ae.add_argument("--since-seq", type=int, default=0)
     ae.set_defaults(fn=cmd_audit_export)
+    m = sub.add_parser("mcp", help="an MCP server (stdio, or streamable HTTP with --http) in front of the daemon")
+    m.add_argument("--http", metavar="HOST:PORT", help="serve streamable HTTP at http://HOST:PORT/mcp instead of stdio "
+                   "(bind loopback, e.g. 127.0.0.1:8765; clients must send the bearer token)")
+    m.add_argument("--token-file", help="the bearer token HTTP clients must send (default: $SANDBOXD_MCP_TOKEN)")
+    m.add_argument("--target", help="the daemon: unix:///path.sock or host:port (default: $SANDBOXD_TARGET or "
+                   "the standard socket)")
+    m.add_argument("--token", default=None, help="bearer token for the daemon (default: $SANDBOXD_TOKEN); "
+                   "without one the daemon sees this process's own uid")
+    m.add_argument("--tls-ca", help="CA bundle (PEM) to verify a TCP daemon's certificate")
+    m.add_argument("--tls-cert", help="client certificate (PEM) for mTLS to the daemon")
+    m.add_argument("--tls-key", help="client key (PEM) for mTLS to the daemon")
+    m.add_argument("--runner", default="python", help="create_session's default runner (default: python)")
+    m.set_defaults(fn=cmd_mcp)
     args = p.parse_args(argv)
     return args.fn(args)
 
