@@ -1,7 +1,7 @@
 """Session latencies as an agent sees them, end to end through gRPC with records (issue 8's report; issue 10's
 session targets).
 
-    .venv/bin/python bench/sessions.py [--runs N]     (make bench)
+    .venv/bin/python bench/sessions.py [--runs N]     (make bench prints the session targets: bench/targets.py)
 
 Measured on one private daemon, each N times, median and p95 wall time per call from the Python client:
 CreateSession (and its close), Exec of `true` in a live session, RunCode of `1+1` in a warm kernel, and a 1 MiB

@@ -1,6 +1,6 @@
 """Start-up latency, side by side in one run: bare exec, bubblewrap, and sandboxd end to end.
 
-    .venv/bin/python bench/startup.py [--runs N]     (make bench; needs root and bwrap for the middle column)
+    .venv/bin/python bench/startup.py [--runs N]     (needs root, and bwrap for the middle column)
 
 Each column runs the same trivial program (`/bin/true`, then `python3 -c pass`) N times and reports the
 median and p95 wall time per run as seen by the caller. sandboxd's numbers include everything an agent pays:
