@@ -234,6 +234,48 @@ print(json.dumps(out))
     assert {e["decision"] for e in seen} == {"allowed"} and len(seen) >= 2
 
 
+def test_a_session_gets_egress_in_exec_calls_and_code_cells(egress_daemon, internet):
+    """pip installs in one call, the package imports in the next and in a cell, a cell makes an allowed HTTPS
+    request, a denied name fails; the proxy variables are forced over the caller's; every connection is an
+    event under the session's id and the session's record sums them up."""
+    if subprocess.run(["/usr/bin/python3", "-m", "pip", "--version"], capture_output=True).returncode:
+        pytest.skip("the host image has no pip (Debian: python3-pip)")
+    with egress_daemon.client() as c:
+        with c.session(runner="python", memory=512 << 20, wall_time=120, cpu_time=120,
+                       env={"HTTPS_PROXY": "http://127.0.0.1:9"},
+                       files={"ca.pem": (internet / "ca.pem").read_bytes()}) as s:
+            pip = s.exec(["/usr/bin/python3", "-m", "pip", "install", "--no-cache-dir", "--disable-pip-version-check",
+                          "--index-url", "http://pypi.test:8080/simple/", "--trusted-host", "pypi.test",
+                          "--target", "/work/site", "sbxdemo"],
+                         env={"http_proxy": "http://127.0.0.1:9"})
+            assert (pip.outcome, pip.exit_code) == ("exited", 0), pip.stderr.decode(errors="replace")[-1500:]
+            later = s.exec(["/usr/bin/python3", "-c", "import sys; sys.path.insert(0, '/work/site'); import sbxdemo; "
+                            "import os; print(sbxdemo.VALUE, os.environ['HTTPS_PROXY'], os.environ['http_proxy'])"])
+            assert later.stdout.decode().split() == ["42", "http://127.0.0.1:3128", "http://127.0.0.1:3128"], later
+            cell = s.run_code(PRELUDE + textwrap.dedent("""
+                import sys; sys.path.insert(0, "/work/site"); import sbxdemo
+                ctx = ssl.create_default_context(cafile="/work/ca.pem")
+                out["value"] = sbxdemo.VALUE
+                out["https"] = fetch("https://api.test:8443/hello", context=ctx)
+                out["denied"] = fetch("https://evil.test:443/", context=ctx)
+                print(json.dumps(out))
+                """))
+            assert cell.error is None, cell.error
+            out = json.loads(cell.stdout.splitlines()[-1])
+            assert out["value"] == 42 and out["https"] == [200, "hello over tls"]
+            assert out["denied"][0] == "URLError" and "403" in out["denied"][1], out["denied"]
+            sid = s.id
+        seen = events(egress_daemon, sid)
+        assert {e["principal"] for e in seen} == {"root"} and {e["policy"] for e in seen} == {"agents"}
+        rows = [(e["destination"], e["port"], e["decision"], e["rule"]) for e in seen]
+        assert ("pypi.test", 8080, "allowed", "allow:pypi.test:8080") in rows
+        assert rows[-2:] == [("api.test", 8443, "allowed", "allow:api.test:8443"),
+                             ("evil.test", 443, "denied", "not-allowed")]
+        rec = c.get_run(sid)
+        assert rec["kind"] == "session" and rec["egress"]["connections"]["denied"] == 1
+        assert rec["egress"]["connections"]["allowed"] == len(seen) - 1 >= 3
+
+
 def test_everything_else_fails_and_each_attempt_is_recorded(egress_daemon, loopback):
     before = scrape(egress_daemon)
     p = loopback.port
