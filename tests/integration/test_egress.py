@@ -283,13 +283,11 @@ def test_everything_else_fails_and_each_attempt_is_recorded(egress_daemon, loopb
 out["denied_name"] = fetch("http://evil.test:8080/")
 out["denied_port"] = connect("api.test", 9000)
 out["ip_via_proxy"] = connect("{NET_IP}", 8443)
-out["ip_direct"] = err(socket.create_connection, ("{NET_IP}", 8443), timeout=5)
 out["loopback_via_proxy"] = connect("127.0.0.1", {p})
 out["loopback_v6_via_proxy"] = connect("[::1]", {p})
 out["loopback_direct"] = err(socket.create_connection, ("127.0.0.1", {p}), timeout=5)
 out["rebind"] = connect("rebind.test", {p})
 out["metadata"] = connect("meta.test", 80)
-out["metadata_direct"] = err(socket.create_connection, ("169.254.169.254", 80), timeout=5)
 out["udp"] = err(socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto, b"x", ("{NET_IP}", 53))
 out["ipv6"] = err(socket.create_connection, ("fd00::1", 443), timeout=5)
 out["dns"] = err(socket.getaddrinfo, "api.test", 443)
@@ -299,7 +297,8 @@ print(json.dumps(out))
     assert out["denied_name"][0] == 403 and "not in the egress allowlist of policy 'agents'" in out["denied_name"][1]
     for key in ("denied_port", "ip_via_proxy", "loopback_via_proxy", "loopback_v6_via_proxy", "rebind", "metadata"):
         assert out[key] == forbidden, (key, out[key])
-    assert out["ip_direct"] == out["metadata_direct"] == out["udp"] == out["ipv6"] == "ENETUNREACH"
+    assert out["udp"] == "EPERM"          # dropped by the run's loopback-only rule (transparent mode)
+    assert out["ipv6"] == "ENETUNREACH"   # no IPv6 route at all
     assert out["loopback_direct"] == "ECONNREFUSED"   # the run's own loopback, not the host's
     assert out["dns"] != "ok"
     assert loopback.accepted == 0, "the proxy connected to a refused address"
@@ -324,6 +323,76 @@ print(json.dumps(out))
     after = scrape(egress_daemon)
     key = 'sandboxd_egress_connections_total{decision="denied"}'
     assert after[key] - before.get(key, 0) == 7
+
+
+def test_programs_that_ignore_proxy_settings_are_redirected_and_judged_by_name(egress_daemon, internet, loopback):
+    """Transparent mode: TCP to any outside address lands at the proxy, which takes the name from SNI or Host,
+    checks it and connects to the address it resolves itself (every name below points the program at
+    192.0.2.1, which no one serves); no name, no connection."""
+    out, run_id = run(egress_daemon, PRELUDE + f"""
+import urllib.request
+ctx = ssl.create_default_context(cafile="/work/ca.pem")
+real = socket.getaddrinfo
+socket.getaddrinfo = lambda host, *a, **k: real("192.0.2.1" if host.endswith(".test") else host, *a, **k)
+direct = urllib.request.build_opener(urllib.request.ProxyHandler({{}}), urllib.request.HTTPSHandler(context=ctx))
+def get(url):
+    try:
+        with direct.open(url, timeout=20) as r:
+            return [r.status, r.read().decode(errors="replace")[:200]]
+    except urllib.error.HTTPError as e:
+        return [e.code, e.read().decode(errors="replace")[:300]]
+    except Exception as e:
+        return [type(e).__name__, str(e)[:300]]
+def raw(host, port, data):
+    try:
+        with socket.create_connection((host, port), timeout=20) as s:
+            s.sendall(data)
+            got = b""
+            while chunk := s.recv(4096):
+                got += chunk
+            return got.decode(errors="replace").split("\\r\\n")[0]
+    except OSError as e:
+        return errno.errorcode.get(e.errno, str(e))
+def no_sni(host, port):
+    bare = ssl.create_default_context(cafile="/work/ca.pem")
+    bare.check_hostname = False
+    try:
+        with socket.create_connection((host, port), timeout=20) as s, bare.wrap_socket(s) as t:
+            return "handshake"
+    except Exception as e:
+        return type(e).__name__
+out["https"] = get("https://api.test:8443/hello")
+out["http"] = get("http://pypi.test:8080/hello")
+out["denied_https"] = get("https://evil.test:8443/")
+out["denied_http"] = get("http://evil.test:8080/")
+out["ip_no_sni"] = no_sni("{NET_IP}", 8443)
+out["raw"] = raw("{NET_IP}", 9000, b"hello\\n")
+out["metadata"] = raw("169.254.169.254", 80, b"GET / HTTP/1.1\\r\\nHost: meta.test\\r\\n\\r\\n")
+out["listener"] = raw("127.0.0.1", 3129, b"GET / HTTP/1.1\\r\\nHost: api.test\\r\\n\\r\\n")
+out["env"] = os.environ["HTTPS_PROXY"]
+out["ifaces"] = sorted(line.split(":")[0].strip() for line in open("/proc/net/dev").readlines()[2:])
+print(json.dumps(out))
+""", files={"ca.pem": (internet / "ca.pem").read_bytes()})
+    assert out["https"] == [200, "hello over tls"] and out["http"] == [200, "hello"], out
+    assert out["denied_https"][0] in ("URLError", "SSLError", "ConnectionResetError", "RemoteDisconnected"), out
+    assert out["denied_http"][0] == 403 and "not in the egress allowlist of policy 'agents'" in out["denied_http"][1]
+    assert out["ip_no_sni"] != "handshake" and out["raw"] in ("", "ECONNRESET"), out
+    assert out["metadata"] == "HTTP/1.1 403 Forbidden" and out["listener"] in ("", "ECONNRESET"), out
+    assert out["env"] == "http://127.0.0.1:3128" and out["ifaces"] == ["lo"]
+    assert loopback.accepted == 0
+    seen = events(egress_daemon, run_id)
+    assert [(e["mode"], e.get("via"), e["destination"], e["port"], e.get("original_address"), e["address"],
+             e["decision"], e["rule"]) for e in seen] == [
+        ("transparent", "sni", "api.test", 8443, "192.0.2.1", NET_IP, "allowed", "allow:api.test:8443"),
+        ("transparent", "host", "pypi.test", 8080, "192.0.2.1", NET_IP, "allowed", "allow:pypi.test:8080"),
+        ("transparent", "sni", "evil.test", 8443, "192.0.2.1", None, "denied", "not-allowed"),
+        ("transparent", "host", "evil.test", 8080, "192.0.2.1", None, "denied", "not-allowed"),
+        ("transparent", "sni", None, 8443, NET_IP, None, "denied", "no-name"),
+        ("transparent", "unknown", None, 9000, NET_IP, None, "denied", "no-name"),
+        ("transparent", "host", "meta.test", 80, "169.254.169.254", "169.254.169.254", "denied", "address:link-local"),
+        ("transparent", None, None, 3129, "127.0.0.1", None, "denied", "bad-request"),
+    ]
+    assert seen[0]["bytes_in"] > 0 and seen[0]["principal"] == "root"
 
 
 def test_another_runs_loopback_is_out_of_reach(egress_daemon):
