@@ -258,22 +258,29 @@ def test_a_session_gets_egress_in_exec_calls_and_code_cells(egress_daemon, inter
                 out["value"] = sbxdemo.VALUE
                 out["https"] = fetch("https://api.test:8443/hello", context=ctx)
                 out["denied"] = fetch("https://evil.test:443/", context=ctx)
+                with ctx.wrap_socket(socket.create_connection(("192.0.2.1", 8443), timeout=20),
+                                     server_hostname="api.test") as t:   # ignoring the proxy: transparent
+                    t.sendall(b"GET /hello HTTP/1.1\\r\\nHost: api.test\\r\\nConnection: close\\r\\n\\r\\n")
+                    out["transparent"] = t.recv(4096).decode().split("\\r\\n")[0]
                 print(json.dumps(out))
                 """))
             assert cell.error is None, cell.error
             out = json.loads(cell.stdout.splitlines()[-1])
             assert out["value"] == 42 and out["https"] == [200, "hello over tls"]
             assert out["denied"][0] == "URLError" and "403" in out["denied"][1], out["denied"]
+            assert out["transparent"] == "HTTP/1.0 200 OK"   # http.server answers 1.0
             sid = s.id
         seen = events(egress_daemon, sid)
         assert {e["principal"] for e in seen} == {"root"} and {e["policy"] for e in seen} == {"agents"}
         rows = [(e["destination"], e["port"], e["decision"], e["rule"]) for e in seen]
         assert ("pypi.test", 8080, "allowed", "allow:pypi.test:8080") in rows
-        assert rows[-2:] == [("api.test", 8443, "allowed", "allow:api.test:8443"),
-                             ("evil.test", 443, "denied", "not-allowed")]
+        assert rows[-3:] == [("api.test", 8443, "allowed", "allow:api.test:8443"),
+                             ("evil.test", 443, "denied", "not-allowed"),
+                             ("api.test", 8443, "allowed", "allow:api.test:8443")]
+        assert seen[-1]["mode"] == "transparent" and seen[-1]["original_address"] == "192.0.2.1"
         rec = c.get_run(sid)
         assert rec["kind"] == "session" and rec["egress"]["connections"]["denied"] == 1
-        assert rec["egress"]["connections"]["allowed"] == len(seen) - 1 >= 3
+        assert rec["egress"]["connections"]["allowed"] == len(seen) - 1 >= 4
 
 
 def test_everything_else_fails_and_each_attempt_is_recorded(egress_daemon, loopback):
@@ -440,6 +447,21 @@ print(json.dumps(out))
     assert out["big"][0] == "IncompleteRead", out
     (e,) = events(d, run_id)
     assert (e["decision"], e["cut"], e["bytes_in"]) == ("allowed", "bytes_in", 64 << 10)
+
+
+def test_without_transparent_mode_direct_connections_have_no_route(internet, loopback, start_daemon):
+    """egress_transparent = false: the explicit proxy only, no route, no redirect, no second listener."""
+    d = start_daemon(egress_config(loopback.port, "egress_transparent = false"))
+    out, run_id = run(d, PRELUDE + f"""
+out["proxy"] = fetch("http://pypi.test:8080/hello")
+out["direct"] = err(socket.create_connection, ("{NET_IP}", 8080), timeout=5)
+out["transparent_listener"] = err(socket.create_connection, ("127.0.0.1", 3129), timeout=5)
+out["udp"] = err(socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto, b"x", ("{NET_IP}", 53))
+print(json.dumps(out))
+""")
+    assert out == {"proxy": [200, "hello"], "direct": "ENETUNREACH", "transparent_listener": "ECONNREFUSED",
+                   "udp": "ENETUNREACH"}
+    assert [e["mode"] for e in events(d, run_id)] == ["http"]
 
 
 def test_runs_without_egress_keep_lo_only(start_daemon, loopback):
