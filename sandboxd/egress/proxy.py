@@ -293,7 +293,7 @@ class RunEgress:
         self.counts[decision] += 1
         if len(self.kept) < KEPT:
             self.kept.append({k: rec[k] for k in ("destination", "port", "address", "decision", "rule", "bytes_in",
-                                                  "bytes_out", "duration") if k in rec}
+                                                  "bytes_out", "duration", "via", "original_address") if k in rec}
                              | ({"cut": rec["cut"]} if "cut" in rec else {}))
         with contextlib.suppress(Exception):
             self.proxy.metrics.egress_connection(decision, rec["bytes_in"], rec["bytes_out"])

@@ -400,6 +400,9 @@ print(json.dumps(out))
         ("transparent", None, None, 3129, "127.0.0.1", None, "denied", "bad-request"),
     ]
     assert seen[0]["bytes_in"] > 0 and seen[0]["principal"] == "root"
+    show = subprocess.run([sys.executable, "-m", "sandboxd.cli.ctl", "--target", egress_daemon.target, "runs", "show",
+                           run_id], capture_output=True, text=True, timeout=60)
+    assert f"denied   -:9000 (-) no-name in=0 out=0 via:unknown to:{NET_IP}" in show.stdout, show.stdout
 
 
 def test_another_runs_loopback_is_out_of_reach(egress_daemon):

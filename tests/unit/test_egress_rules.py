@@ -117,3 +117,14 @@ def test_proxy_env_points_at_the_runs_listener_and_the_spec_round_trips():
     spec = RunSpec(run_id="r", argv=("/bin/true",), env=tuple(sorted(env.items())), image=ImageSpec("host", "/"),
                    seccomp=SeccompProgram("default", "00" * 32, b""), network="egress", egress=egress)
     assert RunSpec.from_json(spec.to_json()) == spec
+
+
+def test_nftables_refusals_carry_nfts_own_message():
+    """The egress_redirect step fails with nft's words (a syntax error touches no ruleset)."""
+    from sandboxd.sandbox import egress
+    try:
+        egress.nft("")
+    except RuntimeError as e:
+        pytest.skip(str(e))
+    with pytest.raises(RuntimeError, match="nftables: Error: syntax error"):
+        egress.nft("table inet sandboxd_test { chain c { bogus } }")
