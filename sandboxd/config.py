@@ -466,7 +466,7 @@ def _egress_policy(path: str, prefix: str, r: "_Reader", name: str) -> tuple[str
     from .egress import rules
     network = r.get("network", "str", "none")
     keys = ("egress_allow", "egress_allow_networks", "egress_max_connections", "egress_max_bytes_in",
-            "egress_max_bytes_out", "egress_max_connection_time")
+            "egress_max_bytes_out", "egress_max_connection_time", "egress_transparent")
     if network not in ("none", "egress"):
         raise ConfigError(f"{path}: {prefix}network: expected \"none\" or \"egress\", got {network!r}")
     given = [k for k in keys if k in r.table]
@@ -488,7 +488,8 @@ def _egress_policy(path: str, prefix: str, r: "_Reader", name: str) -> tuple[str
                     max_connections=r.get("egress_max_connections", "int", d.max_connections),
                     max_bytes_in=r.get("egress_max_bytes_in", "size", d.max_bytes_in),
                     max_bytes_out=r.get("egress_max_bytes_out", "size", d.max_bytes_out),
-                    max_connection_time=r.get("egress_max_connection_time", "duration", d.max_connection_time))
+                    max_connection_time=r.get("egress_max_connection_time", "duration", d.max_connection_time),
+                    transparent=r.get("egress_transparent", "bool", d.transparent))
     if egress.max_connections < 1 or egress.max_connection_time <= 0:
         raise ConfigError(f"{path}: {prefix}egress_max_connections: expected at least 1 connection and a positive "
                           f"egress_max_connection_time")

@@ -171,7 +171,8 @@ def plan_session(runner_name: str, runners: dict[str, Runner], images: dict[str,
                  lifetime: float, files: tuple[tuple[str, bytes], ...], support: tuple[File, ...],
                  max_request_bytes: int, landlock_min_abi: int = 1) -> RunSpec:
     """The RunSpec of a session's sandbox: the runner's image, profile and limits (the request may set them
-    within the policy's ceiling), no program of its own; init serves calls until `lifetime` passes."""
+    within the policy's ceiling), no program of its own; init serves calls until `lifetime` passes. The
+    policy's egress comes along as for a run (every call's env gets proxy_env, see SessionManager.call_env)."""
     if not RUNNER_RE.match(runner_name):
         raise InvalidRequest(f"runner: {runner_name!r} is not a valid runner name ([a-z0-9_.-], at most 64)")
     runner = runners.get(runner_name)
@@ -191,7 +192,9 @@ def plan_session(runner_name: str, runners: dict[str, Runner], images: dict[str,
             raise InvalidRequest(f"files: {path!r} collides with another file")
         seen.add(path)
         out.append(File(path, data, 0o644))
-    return RunSpec(run_id=session_id, argv=(), env=tuple(sorted(dict(runner.env).items())),
+    egress = policy.egress
+    env = dict(runner.env) | (proxy_env(egress) if egress else {})
+    return RunSpec(run_id=session_id, argv=(), env=tuple(sorted(env.items())),
                    image=images[runner.image], seccomp=seccomp[runner.seccomp], limits=limits, files=tuple(out),
                    workdir="/work", session=True, lifetime=lifetime, support_files=support,
-                   landlock_min_abi=landlock_min_abi)
+                   landlock_min_abi=landlock_min_abi, network="egress" if egress else "none", egress=egress)

@@ -35,9 +35,10 @@ from typing import AsyncIterator
 from . import kernel as kernel_mod
 from .errors import InvalidRequest, NotFound, Overloaded, SetupFailed, TooLarge
 from .pipes import FrameReader, PipeReader, frame, write_all
+from .policy import proxy_env
 from .sandbox.launcher import CallHandle, LauncherError, SessionHandle, _sealed_memfd
 from .sandbox.spec import File, RunSpec
-from .supervisor import Outcome
+from .supervisor import Outcome, listener_served
 
 log = logging.getLogger("sandboxd.sessions")
 CONTEXT_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}\Z")
@@ -109,6 +110,7 @@ class Session:
     contexts: dict[str, Context] = field(default_factory=dict)
     calls: dict[str, CallHandle] = field(default_factory=dict)
     closing: asyncio.Event = field(default_factory=asyncio.Event)
+    egress: object = None           # egress.proxy.RunEgress, sessions under a policy with network = "egress"
 
     @property
     def expires_at(self) -> float:
@@ -182,6 +184,9 @@ class SessionManager:
         self.sessions[session.id] = session
         try:
             session.handle = await d.launcher.session(session.spec)
+            if session.spec.egress is not None:  # served from the moment init hands its listener over
+                session.egress = d.egress.open(session.spec, session.principal.id)
+                asyncio.ensure_future(session.egress.serve(session.handle.egress)).add_done_callback(listener_served)
             started = await asyncio.wait_for(asyncio.shield(session.handle.started), 60)
         except (LauncherError, asyncio.TimeoutError) as e:
             await self._ended(session, "setup_failed", f"sandbox launcher: {e}", clean=True)
@@ -244,9 +249,12 @@ class SessionManager:
         d.uids.give_back(session.spec.uid, clean)
         if was_live:
             d.metrics.session_closed(session.runner.name, reason, session.closed_at - session.created_at)
+        egress = {}
+        if session.egress is not None:  # every connection's record is written before the session's own
+            egress = {"egress": await session.egress.close()}
         await d.record_event("session.closed", session.id, {
             "outcome": "closed" if reason in ("closed",) else reason, "end_reason": reason, "message": message,
-            "closed_at": session.closed_at, "lifetime_seconds": session.closed_at - session.created_at})
+            "closed_at": session.closed_at, "lifetime_seconds": session.closed_at - session.created_at, **egress})
         log.info("session %s closed: %s %s", session.id, reason, message, extra={"run_id": session.id})
 
     async def close_all(self, reason: str) -> None:
@@ -296,6 +304,8 @@ class SessionManager:
                 raise InvalidRequest(f"env: {name!r} may not be set in runner {runner.name!r}'s sessions")
             merged[name] = value
         merged.update(dict(runner.session_env_force))
+        if session.spec.egress is not None:  # the proxy is the only way out: no caller picks another
+            merged.update(proxy_env(session.spec.egress))
         return merged
 
     async def exec(self, session: Session, argv: list[str], env: dict, cwd: str, timeout: float, output: int,

@@ -210,7 +210,7 @@ class Supervisor:
         self.active[spec.run_id] = run
         if spec.egress is not None:
             run.egress = self.egress.open(spec, principal)
-            asyncio.ensure_future(run.egress.serve(run.handle.egress)).add_done_callback(_quiet)
+            asyncio.ensure_future(run.egress.serve(run.handle.egress)).add_done_callback(listener_served)
         run.task = asyncio.create_task(self._run(run, out_r, err_r, accepted_at, col_r))
         return run
 
@@ -324,7 +324,7 @@ class Supervisor:
             await run.cancel(reason)
 
 
-def _quiet(fut: asyncio.Future) -> None:
+def listener_served(fut: asyncio.Future) -> None:
     """A run that ends before its listener arrives cancels the wait; anything else is worth a log line."""
     if not fut.cancelled() and fut.exception() is not None:
         log.error("egress listener not served: %r", fut.exception())

@@ -182,8 +182,10 @@ def _show_lines(view: dict, prefix: str = "") -> list[tuple[str, str]]:
 def _connection_text(c: dict) -> str:
     """One connection a run made or tried through the egress proxy (docs/network.md)."""
     cut = f" cut:{c['cut']}" if c.get("cut") else ""
-    return (f"{c.get('decision', ''):<8} {c.get('destination')}:{c.get('port')} ({c.get('address') or '-'}) {c.get('rule')} "
-            f"in={c.get('bytes_in')} out={c.get('bytes_out')}{cut}")
+    # Transparent connections: how the name was learnt and where the program itself was connecting.
+    via = f" via:{c['via']} to:{c.get('original_address')}" if c.get("via") else ""
+    return (f"{c.get('decision', ''):<8} {c.get('destination') or '-'}:{c.get('port')} ({c.get('address') or '-'}) "
+            f"{c.get('rule')} in={c.get('bytes_in')} out={c.get('bytes_out')}{cut}{via}")
 
 
 def cmd_runs_show(args) -> int:

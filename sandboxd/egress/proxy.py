@@ -16,11 +16,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import ipaddress
 import logging
+import socket
+import struct
 import time
 import urllib.parse
 
-from . import rules
+from . import rules, sniff
 from .resolver import ResolveError, Resolver
 
 log = logging.getLogger("sandboxd.egress")
@@ -29,6 +33,7 @@ HEAD_TIMEOUT = 10.0          # seconds to send them
 CONNECT_TIMEOUT = 10.0
 CHUNK = 64 << 10
 KEPT = 200                   # connections listed in the run's own record (every one is an event regardless)
+SO_ORIGINAL_DST = 80          # linux/netfilter_ipv4.h
 HOP_HEADERS = {b"proxy-connection", b"proxy-authorization", b"connection", b"keep-alive"}
 
 
@@ -65,25 +70,29 @@ class RunEgress:
         self.kept: list[dict] = []
         self.handlers: set[asyncio.Task] = set()
         self.recording: set[asyncio.Task] = set()   # past the relay: only their record is left to write
-        self.server: asyncio.base_events.Server | None = None
+        self.servers: list[asyncio.base_events.Server] = []
         self.closed = False
 
-    async def serve(self, listener: "asyncio.Future") -> None:
-        """Serve the run's listener once the launcher hands it over (it never does if setup fails first)."""
-        sock = await listener
-        if self.closed:
-            sock.close()
-            return
-        sock.setblocking(False)
-        self.server = await asyncio.start_server(self._handle, sock=sock, limit=HEAD_LIMIT)
-        if self.closed:  # the run ended while the server was starting
-            self.server.close()
+    async def serve(self, listeners: "asyncio.Future") -> None:
+        """Serve the run's listeners (explicit, then transparent) once the launcher hands them over (it never
+        does if setup fails first)."""
+        socks = await listeners
+        for sock, transparent in zip(socks, (False, True)):
+            if self.closed:
+                sock.close()
+                continue
+            sock.setblocking(False)
+            self.servers.append(await asyncio.start_server(functools.partial(self._handle, transparent=transparent),
+                                                           sock=sock, limit=HEAD_LIMIT))
+        if self.closed:  # the run ended while the servers were starting
+            for server in self.servers:
+                server.close()
 
     async def close(self) -> dict:
         """The run is over: stop listening, end every connection, wait for their records; the run's summary."""
         self.closed = True
-        if self.server is not None:
-            self.server.close()
+        for server in self.servers:
+            server.close()
         for task in self.handlers - self.recording:
             task.cancel()   # a cancelled handler still writes its record (see _handle)
         await asyncio.gather(*self.handlers, return_exceptions=True)
@@ -91,7 +100,7 @@ class RunEgress:
                 "listed": self.kept, "unlisted": sum(self.counts.values()) - len(self.kept)}
 
     # -- one connection ----------------------------------------------------------------------------------
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, transparent: bool) -> None:
         task = asyncio.current_task()
         self.handlers.add(task)
         task.add_done_callback(self.handlers.discard)
@@ -102,10 +111,11 @@ class RunEgress:
         upstream = None
         try:
             try:
-                await self._connect(reader, writer, rec, started)
+                await self._connect(reader, writer, rec, started, transparent)
             except _Refused as r:
                 rec.update(decision=r.decision, rule=r.rule, error=str(r))
-                await self._reply(writer, r.status, str(r))
+                if rec["mode"] != "transparent" or rec.get("via") == "host":  # TLS and the rest cannot read a 403
+                    await self._reply(writer, r.status, str(r))
                 return
             upstream = rec.pop("_upstream")
             await self._relay(reader, writer, *upstream, rec, started)
@@ -125,31 +135,11 @@ class RunEgress:
             await self._record(rec)
             self.recording.discard(task)
 
-    async def _connect(self, reader, writer, rec: dict, started: float) -> None:
-        try:
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), HEAD_TIMEOUT)
-        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, asyncio.TimeoutError, ConnectionError):
-            raise _Refused("denied", "bad-request", 400,
-                           f"expected an HTTP CONNECT or proxy request head within {HEAD_LIMIT} bytes") from None
-        line, _, rest = head.partition(b"\r\n")
-        parts = line.split(b" ")
-        if len(parts) != 3 or not parts[2].startswith(b"HTTP/1."):
-            raise _Refused("denied", "bad-request", 400, "expected an HTTP/1.x request line")
-        method, target = parts[0].decode("latin-1"), parts[1].decode("latin-1")
-        try:
-            if method == "CONNECT":
-                rec["mode"] = "connect"
-                host, port = rules.split_host_port(target)
-                forward = b""
-            else:
-                rec["mode"] = "http"
-                url = urllib.parse.urlsplit(target)
-                if url.scheme != "http" or not url.hostname:
-                    raise ValueError(f"{target!r}: expected CONNECT host:port or an absolute http:// URL")
-                host, port = rules.normalize_host(url.hostname), url.port or 80
-                forward = _origin_request(method, url, parts[2], rest)
-        except ValueError as e:
-            raise _Refused("denied", "bad-request", 400, str(e)) from None
+    async def _connect(self, reader, writer, rec: dict, started: float, transparent: bool) -> None:
+        if transparent:
+            host, port, forward = await self._sniff(reader, writer, rec)
+        else:
+            host, port, forward = await self._request(reader, rec)
         rec.update(destination=host, port=port)
         where = f"{host}:{port}"
         rule = rules.match(self.rules, host, port)
@@ -191,8 +181,70 @@ class RunEgress:
         if forward:
             self._count(rec, "out", len(forward))
             up_w.write(forward)
-        else:
+        elif not transparent:
             writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+
+    async def _request(self, reader, rec: dict) -> tuple[str, int, bytes]:
+        """The explicit proxy: CONNECT host:port, or a plain HTTP request with an absolute URL."""
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), HEAD_TIMEOUT)
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, asyncio.TimeoutError, ConnectionError):
+            raise _Refused("denied", "bad-request", 400,
+                           f"expected an HTTP CONNECT or proxy request head within {HEAD_LIMIT} bytes") from None
+        line, _, rest = head.partition(b"\r\n")
+        parts = line.split(b" ")
+        if len(parts) != 3 or not parts[2].startswith(b"HTTP/1."):
+            raise _Refused("denied", "bad-request", 400, "expected an HTTP/1.x request line")
+        method, target = parts[0].decode("latin-1"), parts[1].decode("latin-1")
+        try:
+            if method == "CONNECT":
+                rec["mode"] = "connect"
+                host, port = rules.split_host_port(target)
+                forward = b""
+            else:
+                rec["mode"] = "http"
+                url = urllib.parse.urlsplit(target)
+                if url.scheme != "http" or not url.hostname:
+                    raise ValueError(f"{target!r}: expected CONNECT host:port or an absolute http:// URL")
+                host, port = rules.normalize_host(url.hostname), url.port or 80
+                forward = _origin_request(method, url, parts[2], rest)
+        except ValueError as e:
+            raise _Refused("denied", "bad-request", 400, str(e)) from None
+        return host, port, forward
+
+    async def _sniff(self, reader, writer, rec: dict) -> tuple[str, int, bytes]:
+        """Transparent mode: the port the run connected to, and the name its first bytes give (SNI or Host);
+        never the address it connected to, which is only recorded."""
+        rec["mode"] = "transparent"
+        try:
+            ip, port = _original_destination(writer.get_extra_info("socket"))
+        except OSError as e:
+            raise _Refused("denied", "bad-request", 400, f"no original destination: {e.strerror}") from None
+        rec.update(original_address=ip, port=port)
+        if ipaddress.ip_address(ip).is_loopback:
+            raise _Refused("denied", "bad-request", 400, "a connection to the transparent listener itself")
+        data, left = b"", HEAD_TIMEOUT
+        while True:
+            try:
+                how, host = sniff.destination(data)
+                break
+            except sniff.Incomplete:
+                pass
+            at = time.monotonic()
+            try:
+                chunk = await asyncio.wait_for(reader.read(sniff.LIMIT - len(data)), max(left, 0))
+            except (asyncio.TimeoutError, ConnectionError):
+                chunk = b""
+            left -= time.monotonic() - at
+            if not chunk:
+                how, host = "unknown", None
+                break
+            data += chunk
+        rec["via"] = how
+        if host is None:
+            raise _Refused("denied", "no-name", 403, f"{ip}:{port}: the connection names no destination (TLS "
+                           f"with SNI or HTTP with a Host header), so policy {self.egress.policy!r} cannot allow it")
+        return host, port, data
 
     async def _relay(self, reader, writer, up_r, up_w, rec: dict, started: float) -> None:
         pumps = [asyncio.ensure_future(self._pump(reader, up_w, "out", rec)),
@@ -241,7 +293,7 @@ class RunEgress:
         self.counts[decision] += 1
         if len(self.kept) < KEPT:
             self.kept.append({k: rec[k] for k in ("destination", "port", "address", "decision", "rule", "bytes_in",
-                                                  "bytes_out", "duration") if k in rec}
+                                                  "bytes_out", "duration", "via", "original_address") if k in rec}
                              | ({"cut": rec["cut"]} if "cut" in rec else {}))
         with contextlib.suppress(Exception):
             self.proxy.metrics.egress_connection(decision, rec["bytes_in"], rec["bytes_out"])
@@ -249,6 +301,13 @@ class RunEgress:
             await self.proxy.record("egress.connection", self.run_id, rec)
         except Exception:  # noqa: BLE001 - the run's own record still lists it (self.kept)
             log.exception("run %s: egress record not written", self.run_id)
+
+
+def _original_destination(sock) -> tuple[str, int]:
+    """Where a redirected connection was going (SO_ORIGINAL_DST, from the run's own conntrack)."""
+    raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
+    port, addr = struct.unpack("!2xH4s8x", raw)
+    return socket.inet_ntoa(addr), port
 
 
 def _origin_request(method: str, url: urllib.parse.SplitResult, version: bytes, rest: bytes) -> bytes:

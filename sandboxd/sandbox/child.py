@@ -7,9 +7,10 @@ daemon): the launcher is single-threaded, so Python after fork() is safe here.
                 `          reports "exec" (or why setup failed), reaps, relays the payload's status, exits
                 `- payload  rlimits -> credentials -> close fds -> seccomp (last) -> execve
 
-A run with network = "egress" gets one more step in init, `egress` (after loopback): the proxy's listener is made
-inside the run's namespace and sent to the launcher through `egress_fd` (see sandbox/egress.py); nothing else
-about the namespace changes.
+A run with network = "egress" gets two more steps in init after loopback: `egress_redirect` (transparent mode: a
+default route through lo and the nftables rules that redirect every other TCP connection to the proxy and drop
+anything else leaving loopback) and `egress` (the proxy's listeners are made inside the run's namespace and sent
+to the launcher through `egress_fd`); see sandbox/egress.py. Both run before the payload exists.
 
 When init exits, the kernel kills every other process of the pid namespace; the launcher then kills and removes
 the cgroup, which catches anything that could have escaped the namespace. Each step runs through `_step`, so a
@@ -111,6 +112,7 @@ def _init(spec: RunSpec, stdio: tuple[int, int, int], status_fd: int, staging: s
         _libc.prctl(_libc.PR_SET_PDEATHSIG, signal.SIGKILL)
         _step(status_fd, "hostname", namespaces.set_hostname, spec.hostname)
         _step(status_fd, "loopback", namespaces.loopback_up)
+        _step(status_fd, "egress_redirect", setup_redirect, spec)
         _step(status_fd, "egress", setup_egress, spec, egress_fd)
         _step(status_fd, "rootfs", rootfs.apply, spec, staging)
         if spec.session:
@@ -171,7 +173,13 @@ def setup_egress(spec: RunSpec, egress_fd: int) -> None:
         return
     if spec.network != "egress" or spec.egress is None or egress_fd < 0:
         raise ValueError(f"network {spec.network!r}: expected \"none\", or \"egress\" with an egress channel")
-    egress.hand_over(spec.egress.port, egress_fd)
+    egress.hand_over(spec.egress, egress_fd)
+
+
+def setup_redirect(spec: RunSpec) -> None:
+    """Transparent egress: TCP of programs that ignore proxy settings goes to the proxy, nothing else leaves lo."""
+    if spec.network == "egress" and spec.egress is not None and spec.egress.transparent:
+        egress.redirect(spec.egress)
 
 
 def _reap_until(main: int, status_fd: int, report: bool) -> int:

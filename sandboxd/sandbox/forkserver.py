@@ -16,7 +16,7 @@ Protocol (SOCK_SEQPACKET, one JSON object per message):
                       {"op": "call", "run_id", "call": {...}} + fds   (forwarded to the session's init, init.py)
                       {"op": "kill", "run_id", "reason"}   {"op": "ping"}   {"op": "shutdown"}
   launcher -> daemon  {"ev": "ready", "driver"}  {"ev": "pong", "runs"}
-                      {"ev": "egress", "run_id"} + SCM_RIGHTS [listener]  (runs with egress, before "started")
+                      {"ev": "egress", "run_id"} + SCM_RIGHTS [listener(s)]  (runs with egress, before "started")
                       {"ev": "started", "run_id", "at"}    (the payload's execve succeeded; a session is up)
                       {"ev": "call", "run_id", "msg": {...}} + fds   (what a session's init reported)
                       {"ev": "finished", "run_id", ...}   (see launcher.Finished)
@@ -312,11 +312,12 @@ class ForkServer:
             os.kill(run.pid, signal.SIGKILL)
 
     def on_egress(self, run: Run) -> None:
-        """Pass the run's proxy listener on to the daemon, once; the launcher keeps no copy."""
+        """Pass the run's proxy listeners (explicit, then transparent) on to the daemon, once; the launcher keeps
+        no copy."""
         if run.egress_r is None:  # the run ended earlier in the same select() batch
             return
         try:
-            _msg, fds, _flags, _addr = socket.recv_fds(run.egress_r, 64, 1, socket.MSG_CMSG_CLOEXEC)
+            _msg, fds, _flags, _addr = socket.recv_fds(run.egress_r, 64, 2, socket.MSG_CMSG_CLOEXEC)
         except BlockingIOError:
             return
         except OSError:
@@ -324,7 +325,7 @@ class ForkServer:
         self._close_egress(run)
         if fds:
             try:
-                self.send(fds=fds[:1], ev="egress", run_id=run.spec.run_id)
+                self.send(fds=fds[:2], ev="egress", run_id=run.spec.run_id)
             finally:
                 for fd in fds:
                     os.close(fd)

@@ -14,9 +14,9 @@ buffers are not), a sealed memfd with stdin, and the write ends of the stdout an
 keeps the read ends and streams from them; it never sees a path inside a sandbox. The launcher answers with
 "started" when the payload's execve succeeded and "finished" once the run's processes are dead and its cgroup
 is removed, carrying the exit status, the kill reason (timeout, cpu_time, output_limit, cancelled...) and the
-usage read from the cgroup. For a run with egress it first sends "egress" with one descriptor: the listening
-socket the run's init made inside the run's network namespace, which the daemon's egress proxy serves
-(RunHandle.egress).
+usage read from the cgroup. For a run with egress it first sends "egress" with one or two descriptors: the
+listening sockets (explicit proxy, then transparent) the run's init made inside the run's network namespace,
+which the daemon's egress proxy serves (RunHandle.egress).
 
 If the launcher dies, every run dies with it (PR_SET_PDEATHSIG); pending runs finish as setup_failed or
 cancelled and the next start() spawns a new launcher, which removes any cgroup the old one left.
@@ -70,7 +70,8 @@ class RunHandle:
         self.launcher, self.run_id = launcher, run_id
         self.started: asyncio.Future[float] = loop.create_future()
         self.finished: asyncio.Future[Finished] = loop.create_future()
-        self.egress: asyncio.Future[socket.socket] = loop.create_future()   # the proxy listener, egress runs only
+        # The proxy's listeners, egress runs only: [explicit] or [explicit, transparent].
+        self.egress: asyncio.Future[list[socket.socket]] = loop.create_future()
 
     async def kill(self, reason: str) -> None:
         await self.launcher.send({"op": "kill", "run_id": self.run_id, "reason": reason})
@@ -292,11 +293,11 @@ class Launcher:
 
     def _dispatch(self, msg: dict, fds: list[int] = ()) -> None:
         ev = msg.get("ev")
-        if ev == "egress" and len(fds) == 1:
+        if ev == "egress" and 1 <= len(fds) <= 2:
             handle = self.runs.get(msg.get("run_id"))
             fut = getattr(handle, "egress", None)
             if fut is not None and not fut.done():
-                fut.set_result(socket.socket(fileno=fds[0]))
+                fut.set_result([socket.socket(fileno=fd) for fd in fds])
                 return
         if ev == "call":
             handle = self.runs.get(msg.get("run_id", ""))

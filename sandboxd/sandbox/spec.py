@@ -68,8 +68,9 @@ class File:
 @dataclass(frozen=True)
 class Egress:
     """What a run with network = "egress" may reach, and how much. Init listens on 127.0.0.1:port inside the
-    run's network namespace and hands that socket to the daemon's proxy, which enforces the rest; nothing here
-    opens a route."""
+    run's network namespace and hands that socket to the daemon's proxy, which enforces the rest. With
+    `transparent`, init also listens on transparent_port and redirects every other TCP connection of the run
+    there (a route through lo and an nftables rule in the run's namespace; sandbox/egress.py)."""
 
     policy: str                          # named in refusals and records
     allow: tuple[str, ...] = ()          # "host:port", "*.suffix:port", "1.2.3.4:port", "[v6]:port"
@@ -79,6 +80,8 @@ class Egress:
     max_bytes_in: int = 256 << 20        # per run, destination -> run
     max_bytes_out: int = 16 << 20        # per run, run -> destination
     max_connection_time: float = 60.0    # seconds per connection
+    transparent: bool = True             # programs that ignore proxy settings: their TCP is redirected
+    transparent_port: int = 3129
 
 
 @dataclass(frozen=True)

@@ -234,6 +234,55 @@ print(json.dumps(out))
     assert {e["decision"] for e in seen} == {"allowed"} and len(seen) >= 2
 
 
+def test_a_session_gets_egress_in_exec_calls_and_code_cells(egress_daemon, internet):
+    """pip installs in one call, the package imports in the next and in a cell, a cell makes an allowed HTTPS
+    request, a denied name fails; the proxy variables are forced over the caller's; every connection is an
+    event under the session's id and the session's record sums them up."""
+    if subprocess.run(["/usr/bin/python3", "-m", "pip", "--version"], capture_output=True).returncode:
+        pytest.skip("the host image has no pip (Debian: python3-pip)")
+    with egress_daemon.client() as c:
+        with c.session(runner="python", memory=512 << 20, wall_time=120, cpu_time=120,
+                       env={"HTTPS_PROXY": "http://127.0.0.1:9"},
+                       files={"ca.pem": (internet / "ca.pem").read_bytes()}) as s:
+            pip = s.exec(["/usr/bin/python3", "-m", "pip", "install", "--no-cache-dir", "--disable-pip-version-check",
+                          "--index-url", "http://pypi.test:8080/simple/", "--trusted-host", "pypi.test",
+                          "--target", "/work/site", "sbxdemo"],
+                         env={"http_proxy": "http://127.0.0.1:9"})
+            assert (pip.outcome, pip.exit_code) == ("exited", 0), pip.stderr.decode(errors="replace")[-1500:]
+            later = s.exec(["/usr/bin/python3", "-c", "import sys; sys.path.insert(0, '/work/site'); import sbxdemo; "
+                            "import os; print(sbxdemo.VALUE, os.environ['HTTPS_PROXY'], os.environ['http_proxy'])"])
+            assert later.stdout.decode().split() == ["42", "http://127.0.0.1:3128", "http://127.0.0.1:3128"], later
+            cell = s.run_code(PRELUDE + textwrap.dedent("""
+                import sys; sys.path.insert(0, "/work/site"); import sbxdemo
+                ctx = ssl.create_default_context(cafile="/work/ca.pem")
+                out["value"] = sbxdemo.VALUE
+                out["https"] = fetch("https://api.test:8443/hello", context=ctx)
+                out["denied"] = fetch("https://evil.test:443/", context=ctx)
+                with ctx.wrap_socket(socket.create_connection(("192.0.2.1", 8443), timeout=20),
+                                     server_hostname="api.test") as t:   # ignoring the proxy: transparent
+                    t.sendall(b"GET /hello HTTP/1.1\\r\\nHost: api.test\\r\\nConnection: close\\r\\n\\r\\n")
+                    out["transparent"] = t.recv(4096).decode().split("\\r\\n")[0]
+                print(json.dumps(out))
+                """))
+            assert cell.error is None, cell.error
+            out = json.loads(cell.stdout.splitlines()[-1])
+            assert out["value"] == 42 and out["https"] == [200, "hello over tls"]
+            assert out["denied"][0] == "URLError" and "403" in out["denied"][1], out["denied"]
+            assert out["transparent"] == "HTTP/1.0 200 OK"   # http.server answers 1.0
+            sid = s.id
+        seen = events(egress_daemon, sid)
+        assert {e["principal"] for e in seen} == {"root"} and {e["policy"] for e in seen} == {"agents"}
+        rows = [(e["destination"], e["port"], e["decision"], e["rule"]) for e in seen]
+        assert ("pypi.test", 8080, "allowed", "allow:pypi.test:8080") in rows
+        assert rows[-3:] == [("api.test", 8443, "allowed", "allow:api.test:8443"),
+                             ("evil.test", 443, "denied", "not-allowed"),
+                             ("api.test", 8443, "allowed", "allow:api.test:8443")]
+        assert seen[-1]["mode"] == "transparent" and seen[-1]["original_address"] == "192.0.2.1"
+        rec = c.get_run(sid)
+        assert rec["kind"] == "session" and rec["egress"]["connections"]["denied"] == 1
+        assert rec["egress"]["connections"]["allowed"] == len(seen) - 1 >= 4
+
+
 def test_everything_else_fails_and_each_attempt_is_recorded(egress_daemon, loopback):
     before = scrape(egress_daemon)
     p = loopback.port
@@ -241,13 +290,11 @@ def test_everything_else_fails_and_each_attempt_is_recorded(egress_daemon, loopb
 out["denied_name"] = fetch("http://evil.test:8080/")
 out["denied_port"] = connect("api.test", 9000)
 out["ip_via_proxy"] = connect("{NET_IP}", 8443)
-out["ip_direct"] = err(socket.create_connection, ("{NET_IP}", 8443), timeout=5)
 out["loopback_via_proxy"] = connect("127.0.0.1", {p})
 out["loopback_v6_via_proxy"] = connect("[::1]", {p})
 out["loopback_direct"] = err(socket.create_connection, ("127.0.0.1", {p}), timeout=5)
 out["rebind"] = connect("rebind.test", {p})
 out["metadata"] = connect("meta.test", 80)
-out["metadata_direct"] = err(socket.create_connection, ("169.254.169.254", 80), timeout=5)
 out["udp"] = err(socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto, b"x", ("{NET_IP}", 53))
 out["ipv6"] = err(socket.create_connection, ("fd00::1", 443), timeout=5)
 out["dns"] = err(socket.getaddrinfo, "api.test", 443)
@@ -257,7 +304,8 @@ print(json.dumps(out))
     assert out["denied_name"][0] == 403 and "not in the egress allowlist of policy 'agents'" in out["denied_name"][1]
     for key in ("denied_port", "ip_via_proxy", "loopback_via_proxy", "loopback_v6_via_proxy", "rebind", "metadata"):
         assert out[key] == forbidden, (key, out[key])
-    assert out["ip_direct"] == out["metadata_direct"] == out["udp"] == out["ipv6"] == "ENETUNREACH"
+    assert out["udp"] == "EPERM"          # dropped by the run's loopback-only rule (transparent mode)
+    assert out["ipv6"] == "ENETUNREACH"   # no IPv6 route at all
     assert out["loopback_direct"] == "ECONNREFUSED"   # the run's own loopback, not the host's
     assert out["dns"] != "ok"
     assert loopback.accepted == 0, "the proxy connected to a refused address"
@@ -282,6 +330,79 @@ print(json.dumps(out))
     after = scrape(egress_daemon)
     key = 'sandboxd_egress_connections_total{decision="denied"}'
     assert after[key] - before.get(key, 0) == 7
+
+
+def test_programs_that_ignore_proxy_settings_are_redirected_and_judged_by_name(egress_daemon, internet, loopback):
+    """Transparent mode: TCP to any outside address lands at the proxy, which takes the name from SNI or Host,
+    checks it and connects to the address it resolves itself (every name below points the program at
+    192.0.2.1, which no one serves); no name, no connection."""
+    out, run_id = run(egress_daemon, PRELUDE + f"""
+import urllib.request
+ctx = ssl.create_default_context(cafile="/work/ca.pem")
+real = socket.getaddrinfo
+socket.getaddrinfo = lambda host, *a, **k: real("192.0.2.1" if host.endswith(".test") else host, *a, **k)
+direct = urllib.request.build_opener(urllib.request.ProxyHandler({{}}), urllib.request.HTTPSHandler(context=ctx))
+def get(url):
+    try:
+        with direct.open(url, timeout=20) as r:
+            return [r.status, r.read().decode(errors="replace")[:200]]
+    except urllib.error.HTTPError as e:
+        return [e.code, e.read().decode(errors="replace")[:300]]
+    except Exception as e:
+        return [type(e).__name__, str(e)[:300]]
+def raw(host, port, data):
+    try:
+        with socket.create_connection((host, port), timeout=20) as s:
+            s.sendall(data)
+            got = b""
+            while chunk := s.recv(4096):
+                got += chunk
+            return got.decode(errors="replace").split("\\r\\n")[0]
+    except OSError as e:
+        return errno.errorcode.get(e.errno, str(e))
+def no_sni(host, port):
+    bare = ssl.create_default_context(cafile="/work/ca.pem")
+    bare.check_hostname = False
+    try:
+        with socket.create_connection((host, port), timeout=20) as s, bare.wrap_socket(s) as t:
+            return "handshake"
+    except Exception as e:
+        return type(e).__name__
+out["https"] = get("https://api.test:8443/hello")
+out["http"] = get("http://pypi.test:8080/hello")
+out["denied_https"] = get("https://evil.test:8443/")
+out["denied_http"] = get("http://evil.test:8080/")
+out["ip_no_sni"] = no_sni("{NET_IP}", 8443)
+out["raw"] = raw("{NET_IP}", 9000, b"hello\\n")
+out["metadata"] = raw("169.254.169.254", 80, b"GET / HTTP/1.1\\r\\nHost: meta.test\\r\\n\\r\\n")
+out["listener"] = raw("127.0.0.1", 3129, b"GET / HTTP/1.1\\r\\nHost: api.test\\r\\n\\r\\n")
+out["env"] = os.environ["HTTPS_PROXY"]
+out["ifaces"] = sorted(line.split(":")[0].strip() for line in open("/proc/net/dev").readlines()[2:])
+print(json.dumps(out))
+""", files={"ca.pem": (internet / "ca.pem").read_bytes()})
+    assert out["https"] == [200, "hello over tls"] and out["http"] == [200, "hello"], out
+    assert out["denied_https"][0] in ("URLError", "SSLError", "ConnectionResetError", "RemoteDisconnected"), out
+    assert out["denied_http"][0] == 403 and "not in the egress allowlist of policy 'agents'" in out["denied_http"][1]
+    assert out["ip_no_sni"] != "handshake" and out["raw"] in ("", "ECONNRESET"), out
+    assert out["metadata"] == "HTTP/1.1 403 Forbidden" and out["listener"] in ("", "ECONNRESET"), out
+    assert out["env"] == "http://127.0.0.1:3128" and out["ifaces"] == ["lo"]
+    assert loopback.accepted == 0
+    seen = events(egress_daemon, run_id)
+    assert [(e["mode"], e.get("via"), e["destination"], e["port"], e.get("original_address"), e["address"],
+             e["decision"], e["rule"]) for e in seen] == [
+        ("transparent", "sni", "api.test", 8443, "192.0.2.1", NET_IP, "allowed", "allow:api.test:8443"),
+        ("transparent", "host", "pypi.test", 8080, "192.0.2.1", NET_IP, "allowed", "allow:pypi.test:8080"),
+        ("transparent", "sni", "evil.test", 8443, "192.0.2.1", None, "denied", "not-allowed"),
+        ("transparent", "host", "evil.test", 8080, "192.0.2.1", None, "denied", "not-allowed"),
+        ("transparent", "sni", None, 8443, NET_IP, None, "denied", "no-name"),
+        ("transparent", "unknown", None, 9000, NET_IP, None, "denied", "no-name"),
+        ("transparent", "host", "meta.test", 80, "169.254.169.254", "169.254.169.254", "denied", "address:link-local"),
+        ("transparent", None, None, 3129, "127.0.0.1", None, "denied", "bad-request"),
+    ]
+    assert seen[0]["bytes_in"] > 0 and seen[0]["principal"] == "root"
+    show = subprocess.run([sys.executable, "-m", "sandboxd.cli.ctl", "--target", egress_daemon.target, "runs", "show",
+                           run_id], capture_output=True, text=True, timeout=60)
+    assert f"denied   -:9000 (-) no-name in=0 out=0 via:unknown to:{NET_IP}" in show.stdout, show.stdout
 
 
 def test_another_runs_loopback_is_out_of_reach(egress_daemon):
@@ -329,6 +450,21 @@ print(json.dumps(out))
     assert out["big"][0] == "IncompleteRead", out
     (e,) = events(d, run_id)
     assert (e["decision"], e["cut"], e["bytes_in"]) == ("allowed", "bytes_in", 64 << 10)
+
+
+def test_without_transparent_mode_direct_connections_have_no_route(internet, loopback, start_daemon):
+    """egress_transparent = false: the explicit proxy only, no route, no redirect, no second listener."""
+    d = start_daemon(egress_config(loopback.port, "egress_transparent = false"))
+    out, run_id = run(d, PRELUDE + f"""
+out["proxy"] = fetch("http://pypi.test:8080/hello")
+out["direct"] = err(socket.create_connection, ("{NET_IP}", 8080), timeout=5)
+out["transparent_listener"] = err(socket.create_connection, ("127.0.0.1", 3129), timeout=5)
+out["udp"] = err(socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto, b"x", ("{NET_IP}", 53))
+print(json.dumps(out))
+""")
+    assert out == {"proxy": [200, "hello"], "direct": "ENETUNREACH", "transparent_listener": "ECONNREFUSED",
+                   "udp": "ENETUNREACH"}
+    assert [e["mode"] for e in events(d, run_id)] == ["http"]
 
 
 def test_runs_without_egress_keep_lo_only(start_daemon, loopback):

@@ -46,7 +46,7 @@ async def _proxy(upstream, **limits):
     run = proxy.open(types.SimpleNamespace(run_id="run-1", egress=egress), "alice")
     lst = socket.create_server(("127.0.0.1", 0))
     fut = asyncio.get_running_loop().create_future()
-    fut.set_result(lst)
+    fut.set_result([lst])
     await run.serve(fut)
     return run, lst.getsockname()[1], records, metrics
 

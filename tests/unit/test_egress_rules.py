@@ -80,6 +80,8 @@ def test_egress_policy_parses_into_the_spec_egress():
                ).identity.policies[0]
     assert p.egress == Egress(policy="agents", allow=("pypi.org:443",), networks=("10.0.0.0/8",), max_connections=2,
                               max_bytes_in=1 << 20, max_connection_time=5.0)
+    assert p.egress.transparent and p.egress.transparent_port == 3129
+    assert not _parse('network = "egress"\negress_transparent = false').identity.policies[0].egress.transparent
 
 
 @pytest.mark.parametrize("extra,message", [
@@ -89,6 +91,8 @@ def test_egress_policy_parses_into_the_spec_egress():
     ('network = "egress"\negress_allow = ["pypi.org"]', "policies[0].egress_allow: 'pypi.org': expected host:port"),
     ('network = "egress"\negress_allow_networks = ["10.0.0.0/33"]', "policies[0].egress_allow_networks:"),
     ('network = "egress"\negress_max_connections = 0', "egress_max_connections: expected at least 1"),
+    ('network = "egress"\negress_transparent = "yes"', "policies[0].egress_transparent: expected true or false"),
+    ('egress_transparent = true', 'policies[0].egress_transparent: only meaningful with network = "egress"'),
 ])
 def test_bad_egress_policies_are_refused(extra, message):
     with pytest.raises(ConfigError) as info:
@@ -113,3 +117,14 @@ def test_proxy_env_points_at_the_runs_listener_and_the_spec_round_trips():
     spec = RunSpec(run_id="r", argv=("/bin/true",), env=tuple(sorted(env.items())), image=ImageSpec("host", "/"),
                    seccomp=SeccompProgram("default", "00" * 32, b""), network="egress", egress=egress)
     assert RunSpec.from_json(spec.to_json()) == spec
+
+
+def test_nftables_refusals_carry_nfts_own_message():
+    """The egress_redirect step fails with nft's words (a syntax error touches no ruleset)."""
+    from sandboxd.sandbox import egress
+    try:
+        egress.nft("")
+    except RuntimeError as e:
+        pytest.skip(str(e))
+    with pytest.raises(RuntimeError, match="nftables: Error: syntax error"):
+        egress.nft("table inet sandboxd_test { chain c { bogus } }")
