@@ -269,16 +269,17 @@ class SessionService:
                 elif which == "resize":
                     yield "resize", (m.resize.rows or 24, m.resize.cols or 80)
 
+        async def record(result) -> None:
+            await self._record_call(principal, context, s, "exec", {"received_at": received, "command": command},
+                                    result)
         events = self.d.sessions.exec(s, argv, env, cwd, timeout, output, tty=st.tty, rows=st.window.rows,
                                       cols=st.window.cols, stdin=st.stdin, close_stdin=st.close_stdin,
-                                      requests=more())
+                                      requests=more(), on_result=record)
         try:
             async for kind, value in events:
                 if kind == "started":
                     yield wire.started_event(value)
                 elif kind == "result":
-                    await self._record_call(principal, context, s, "exec",
-                                            {"received_at": received, "command": command}, value)
                     yield wire.call_result_event(value, s.id)
                 else:
                     yield wire.output_event(kind, value)
@@ -307,13 +308,13 @@ class SessionService:
                 "code_bytes": len(code)}
         if s.policy.store_code:
             data["code"] = request.code
-        events = self.d.sessions.run_code(s, ctx, request.code, timeout, output)
+        async def record(result) -> None:
+            data.update(execution_count=result.execution_count, kernel_restarted=result.kernel_restarted,
+                        error=result.error)
+            await self._record_call(principal, context, s, "code", data, result)
+        events = self.d.sessions.run_code(s, ctx, request.code, timeout, output, on_result=record)
         try:
             async for kind, value in events:
-                if kind == "done":
-                    data.update(execution_count=value.execution_count, kernel_restarted=value.kernel_restarted,
-                                error=value.error)
-                    await self._record_call(principal, context, s, "code", data, value)
                 yield wire.cell_event(kind, value)
         except SandboxError as err:
             await abort(context, err)
@@ -781,7 +782,15 @@ class RequestGuard(grpc.aio.ServerInterceptor):
         return grpc.stream_unary_rpc_method_handler(call, response_serializer=handler.response_serializer)
 
     async def _read(self, method: str, deserialize, context):
-        raw = await context.read()
+        try:
+            raw = await context.read()
+        except asyncio.CancelledError:
+            # gRPC's core answered the caller itself (a body past its limit) and cancels this handler: the
+            # refusal is still counted and recorded, from a task of its own.
+            asyncio.ensure_future(self._refuse(method, context, TooLarge(
+                f"no request message arrived: larger than the {self.limit}-byte limit gRPC enforces "
+                f"(server.max_request_bytes + 1 MiB), or the client sent none"), answer=False))
+            raise
         if raw is grpc.aio.EOF:
             err: SandboxError = TooLarge(
                 f"no request message arrived: larger than the {self.limit}-byte limit gRPC enforces "
@@ -793,7 +802,7 @@ class RequestGuard(grpc.aio.ServerInterceptor):
                 err = InvalidRequest(f"the request body ({len(raw)} bytes) is not a valid {method} request: {e}")
         await self._refuse(method, context, err)
 
-    async def _refuse(self, method: str, context, err: SandboxError) -> None:
+    async def _refuse(self, method: str, context, err: SandboxError, answer: bool = True) -> None:
         d = self.d
         d.metrics.rejected(err.reason)
         log.info("%s refused before it was read (%s): %s (peer %s)", method, err.reason, err, context.peer())
@@ -806,6 +815,8 @@ class RequestGuard(grpc.aio.ServerInterceptor):
                 record.update(principal=principal.as_record(), auth_method=principal.method, peer=principal.peer)
             except Unauthenticated:
                 pass
-            await d.record("run_denied", run_id, {**record, "outcome": "rejected", "reason": err.reason,
-                                                  "message": str(err)})
-        await abort(context, err)
+            # Shielded: if gRPC's core cancels this handler meanwhile, the record is still written.
+            await asyncio.shield(asyncio.ensure_future(d.record("run_denied", run_id, {
+                **record, "outcome": "rejected", "reason": err.reason, "message": str(err)})))
+        if answer:
+            await abort(context, err)

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 from . import kernel as kernel_mod
-from .errors import InvalidRequest, NotFound, Overloaded, SetupFailed, TooLarge
+from .errors import InvalidRequest, Overloaded, SetupFailed, TooLarge
 from .pipes import FrameReader, PipeReader, frame, write_all
 from .policy import proxy_env
 from .sandbox.launcher import CallHandle, LauncherError, SessionHandle, _sealed_memfd
@@ -219,6 +219,8 @@ class SessionManager:
                 await asyncio.sleep(0.01)
             return
         session.closing.set()
+        # From now on it reads as closed, with its reason, everywhere (calls on it are already NOT_FOUND).
+        session.end_reason, session.end_message = reason, message
         clean = True
         if session.handle is not None and not session.handle.finished.done():
             with contextlib.suppress(Exception):
@@ -241,6 +243,7 @@ class SessionManager:
             return
         was_live = session.state != "starting"
         session.state, session.end_reason, session.end_message = "closed", reason, message
+        session.closing.set()
         session.closed_at = time.time()
         self.sessions.pop(session.id, None)
         self.closed[session.id] = (session.principal.id, reason, message, session.closed_at)
@@ -310,8 +313,11 @@ class SessionManager:
 
     async def exec(self, session: Session, argv: list[str], env: dict, cwd: str, timeout: float, output: int,
                    tty: bool = False, rows: int = 0, cols: int = 0, stdin: bytes = b"", close_stdin: bool = False,
-                   requests: AsyncIterator | None = None) -> AsyncIterator[tuple[str, object]]:
-        """Events: ("started", call_id), ("stdout" | "stderr", bytes), ("result", CallResult)."""
+                   requests: AsyncIterator | None = None, on_result=None) -> AsyncIterator[tuple[str, object]]:
+        """Events: ("started", call_id), ("stdout" | "stderr", bytes), ("result", CallResult). `on_result` (async)
+        gets the result before it is yielded, and also when the consumer goes away mid-call (then from a task of
+        its own, after the call was stopped): every call that started has its result recorded."""
+        on_result = on_result or _nothing
         call_id = new_id()
         queue: asyncio.Queue = asyncio.Queue()
         streams = {"stdout": _Stream("stdout", output), "stderr": _Stream("stderr", output)}
@@ -340,9 +346,10 @@ class SessionManager:
                 for fd in ([] if tty else [out_r, err_r, stdin_fd]):
                     os.close(fd)
                 stdin_fd = -1
+                failed = CallResult(call_id, Outcome.SETUP_FAILED, message=f"{msg.get('step')}: {msg.get('error')}")
+                await on_result(failed)
                 yield "started", call_id
-                yield "result", CallResult(call_id, Outcome.SETUP_FAILED,
-                                           message=f"{msg.get('step')}: {msg.get('error')}")
+                yield "result", failed
                 return
             oom_before = msg.get("oom_kills", 0)
 
@@ -435,8 +442,12 @@ class SessionManager:
                     await session.handle.signal(call_id, signal.SIGKILL)
                     with contextlib.suppress(asyncio.TimeoutError):
                         await asyncio.wait_for(asyncio.shield(handle.finished), 10)
-            fin = handle.finished.result()
-            yield "result", self._call_result(call_id, fin, reason, oom_before, streams, accepted, timeout, session)
+                fin = handle.finished.result() if handle.finished.done() else {"ev": "call_exit", "signal": 9}
+                result = self._call_result(call_id, fin, reason, oom_before, streams, accepted, timeout, session)
+                # A task of its own: it completes even when this generator is being torn down by a cancel.
+                recording = asyncio.ensure_future(on_result(result))
+            await recording
+            yield "result", result
         finally:
             for fd in fds:
                 os.close(fd)
@@ -542,21 +553,22 @@ class SessionManager:
         ctx.kernel, ctx.sock = None, None
 
     async def run_code(self, session: Session, ctx: Context, code: str, timeout: float,
-                       output: int) -> AsyncIterator[tuple[str, object]]:
+                       output: int, on_result=None) -> AsyncIterator[tuple[str, object]]:
         """Events: ("started", call_id), ("stdout"|"stderr", bytes), ("result", bundle dict),
-        ("error", dict), ("done", CellResult). Cells of one context run one at a time: a second waits."""
+        ("error", dict), ("done", CellResult). Cells of one context run one at a time: a second waits.
+        `on_result` as for exec: every cell that started has its result recorded, a cancelled one too."""
         call_id = new_id()
         session.active += 1
         session.touch()
         try:
             async with ctx.lock:
-                async for event in self._cell(session, ctx, call_id, code, timeout, output):
+                async for event in self._cell(session, ctx, call_id, code, timeout, output, on_result or _nothing):
                     yield event
         finally:
             session.active -= 1
             session.touch()
 
-    async def _cell(self, session, ctx: Context, call_id: str, code: str, timeout: float, output: int):
+    async def _cell(self, session, ctx: Context, call_id: str, code: str, timeout: float, output: int, on_result):
         accepted = time.time()
         restarted, note = False, ""
         if ctx.kernel is None or ctx.kernel.finished.done():
@@ -632,6 +644,7 @@ class SessionManager:
         yield "started", call_id
         error = None
         finished_ok = False
+        cancelled = True
         try:
             while True:
                 kind, data = await queue.get()
@@ -662,6 +675,7 @@ class SessionManager:
                 k, v = queue.get_nowait()
                 if k in ("stdout", "stderr"):
                     yield k, v
+            cancelled = False
         finally:
             timer.cancel()
             ctx.running = ""
@@ -675,6 +689,12 @@ class SessionManager:
                     await asyncio.wait_for(asyncio.shield(kernel.finished), grace)
                 except asyncio.TimeoutError:
                     pass
+            if cancelled:  # the consumer went away: record the cell from a task of its own
+                asyncio.ensure_future(on_result(CellResult(
+                    call_id, Outcome.CANCELLED, wall_seconds=time.time() - accepted, message="the cell was cancelled",
+                    stdout_bytes=streams["stdout"].written, stderr_bytes=streams["stderr"].written,
+                    stdout_sha256=streams["stdout"].sha.hexdigest(), stderr_sha256=streams["stderr"].sha.hexdigest(),
+                    execution_count=count, kernel_restarted=restarted, error=error is not None)))
         outcome_extra = dict(execution_count=count, kernel_restarted=restarted)
         if kernel.finished.done():
             fin = kernel.finished.result()
@@ -699,6 +719,7 @@ class SessionManager:
                 res.message = (res.message + "; " if res.message else "") + f"the kernel {how}"
                 if note:
                     res.message += f"; {note}"
+                await on_result(res)
                 yield "done", res
                 return
         first = reason[0] if reason else ""
@@ -709,11 +730,13 @@ class SessionManager:
                "cancelled": "the cell was cancelled"}.get(first, "")
         if note:
             msg = f"{msg}; {note}" if msg else note
-        yield "done", CellResult(
+        res = CellResult(
             call_id, outcome, wall_seconds=time.time() - accepted, stdout_bytes=streams["stdout"].written,
             stderr_bytes=streams["stderr"].written, stdout_truncated=streams["stdout"].truncated,
             stderr_truncated=streams["stderr"].truncated, message=msg, stdout_sha256=streams["stdout"].sha.hexdigest(),
             stderr_sha256=streams["stderr"].sha.hexdigest(), error=error is not None, **outcome_extra)
+        await on_result(res)
+        yield "done", res
 
     async def interrupt(self, session: Session, name: str) -> bool:
         ctx = self.context(session, name)
@@ -816,6 +839,10 @@ class SessionManager:
         res = results[-1] if results else {"error": "other", "message": "the file agent reported nothing"}
         res["sha256"], res["tar_bytes"] = digest.hexdigest(), total[0]
         return res
+
+
+async def _nothing(_result) -> None:
+    pass
 
 
 async def _chunks(data: bytes) -> AsyncIterator[bytes]:

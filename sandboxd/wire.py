@@ -83,7 +83,7 @@ SESSION_STATES = {"starting": pb.SESSION_STATE_STARTING, "ready": pb.SESSION_STA
 
 
 def session_msg(s) -> pb.Session:
-    state = "busy" if s.state == "ready" and s.active else s.state
+    state = "closed" if s.closing.is_set() else "busy" if s.state == "ready" and s.active else s.state
     return pb.Session(
         session_id=s.id, runner=s.runner.name, principal=s.principal.id, limits=limits_msg(s.spec.limits),
         created_at=s.created_at, last_used_at=s.last_used, expires_at=0.0 if s.state == "closed" else s.expires_at,

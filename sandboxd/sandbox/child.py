@@ -30,7 +30,7 @@ import os
 import signal
 import socket
 
-from . import _libc, creds, egress, files, init as session_init, landlock, namespaces, rlimits, rootfs, seccomp
+from . import _libc, creds, egress, files, init as session_init, landlock, namespaces, rlimits, rootfs, seccomp  # noqa: F401 - files: imported before pivot_root (see files.py)
 from .spec import RunSpec
 
 SETUP_FAILED = 121
