@@ -168,7 +168,7 @@ class SandboxdCodeExecutor(CodeExecutor, Component[SandboxdCodeExecutorConfig]):
             try:
                 await session.write(name, code, mode=0o755 if lang in SHELLS else 0o644)
             except SandboxdError as e:
-                return 1, f"Filename {name!r} is not in the workspace: {e}"
+                return 1, f"Could not save {name!r} in the workspace: {e}"
             if result.code_file is None:
                 result.code_file = posixpath.join("/work", name)
         if lang in PYTHON:

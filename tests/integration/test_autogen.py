@@ -19,6 +19,9 @@ from autogen_ext.models.replay import ReplayChatCompletionClient  # noqa: E402
 from sandboxd.client import FileError, SandboxdError  # noqa: E402
 from sandboxd.integrations.autogen import SandboxdCodeExecutor  # noqa: E402
 
+# CodeExecutorAgent warns when it has no approval function; here the sandbox is the point.
+pytestmark = pytest.mark.filterwarnings("ignore:No approval function")
+
 
 async def _run(agent, task: str, token: CancellationToken | None = None):
     """agent.run_stream: the code execution results (run() keeps only the final response) and the final text."""
@@ -104,7 +107,7 @@ def test_the_executor_contract(daemon):
                            CodeBlock("python3 tools/hello.py", "sh")], token)
             assert r.output == "hi from a file\nhi from a file\n" and r.code_file == "/work/tools/hello.py", r
             r = await run([CodeBlock("# filename: ../../etc/x.py\n1", "python")], token)
-            assert r.exit_code == 1 and "not in the workspace" in r.output, r
+            assert r.exit_code == 1 and "Could not save '../../etc/x.py'" in r.output, r
             r = await run([CodeBlock("console.log(1)", "javascript")], token)
             assert r.exit_code == 1 and "Unsupported language 'javascript'" in r.output, r
             r = await run([CodeBlock("kill -KILL $$", "sh")], token)
