@@ -468,10 +468,11 @@ class SessionManager:
                       stdout_truncated=streams["stdout"].truncated, stderr_truncated=streams["stderr"].truncated,
                       stdout_sha256=streams["stdout"].sha.hexdigest(), stderr_sha256=streams["stderr"].sha.hexdigest(),
                       **extra)
-        if fin.get("ev") == "call_failed":
-            return cls(call_id, Outcome.SETUP_FAILED, message=f"{fin.get('step')}: {fin.get('error')}", **common)
         sig, code = int(fin.get("signal") or 0), int(fin.get("code") or 0)
         first = reason[0] if reason else ""
+        # What the daemon itself stopped the call for comes first, even if the session ended meanwhile.
+        if fin.get("ev") == "call_failed" and first not in ("timeout", "output_limit", "cancelled"):
+            return cls(call_id, Outcome.SETUP_FAILED, message=f"{fin.get('step')}: {fin.get('error')}", **common)
         if first == "timeout":
             return cls(call_id, Outcome.TIMEOUT, signal=sig, message=f"wall-clock limit of {timeout:g}s reached",
                        **common)

@@ -30,10 +30,12 @@ import os
 import signal
 import socket
 
-from . import _libc, creds, egress, files, init as session_init, landlock, namespaces, rlimits, rootfs, seccomp  # noqa: F401 - files: imported before pivot_root (see files.py)
+from . import _fds, _libc, creds, egress, files, init as session_init, landlock, namespaces, rlimits, rootfs, seccomp
 from .spec import RunSpec
 
 SETUP_FAILED = 121
+# Used after pivot_root (one-shot collection, sessions), when the daemon's Python tree is out of sight: loaded now.
+_PRELOADED = (files,)
 
 
 class _StepFailed(Exception):
@@ -52,13 +54,7 @@ def _step(status_fd: int, name: str, fn, *args) -> None:
         raise _StepFailed(name) from e
 
 
-def close_fds_except(keep: set[int]) -> None:
-    low = 0
-    for fd in sorted(keep):
-        if fd > low:
-            os.closerange(low, fd)
-        low = fd + 1
-    os.closerange(low, 1 << 20)
+close_fds_except = _fds.close_all_except
 
 
 def _join_cgroup(paths: list[str]) -> None:
@@ -253,8 +249,4 @@ def _write_file(path: str, text: str) -> None:
         os.close(fd)
 
 
-def _read_all(fd: int) -> bytes:
-    chunks = []
-    while chunk := os.read(fd, 4096):
-        chunks.append(chunk)
-    return b"".join(chunks)
+_read_all = _fds.read_all

@@ -41,6 +41,7 @@ import sys
 import time
 
 from . import cgroups, child, creds
+from . import _fds
 from .spec import RunSpec
 
 log = logging.getLogger("sandboxd.launcher")
@@ -128,12 +129,7 @@ class ForkServer:
             return
         except OSError:
             data, anc = b"", []
-        fds = []
-        for level, kind, payload in anc:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                a = array.array("i")
-                a.frombytes(payload[: len(payload) - len(payload) % a.itemsize])
-                fds.extend(a)
+        fds = _fds.received(anc)
         if not data:  # the daemon is gone: nobody will read results, so end every run now
             for fd in fds:
                 os.close(fd)
@@ -271,12 +267,7 @@ class ForkServer:
             return
         except OSError:
             data, anc = b"", []
-        fds = []
-        for level, kind, payload in anc:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                a = array.array("i")
-                a.frombytes(payload[: len(payload) - len(payload) % a.itemsize])
-                fds.extend(a)
+        fds = _fds.received(anc)
         try:
             if not data:  # init is gone; on_exit reports the session's end
                 self.sel.unregister(run.ctl)

@@ -42,7 +42,7 @@ import socket
 import struct
 import termios
 
-from . import _libc, creds, files, landlock, rlimits, seccomp
+from . import _fds as _fdpass, _libc, creds, files, landlock, rlimits, seccomp
 from .spec import RunSpec
 
 MAX_FDS = 8
@@ -393,14 +393,7 @@ def _write_proc(path: str, text: str) -> None:
         os.close(fd)
 
 
-def _fds(anc) -> list[int]:
-    out = []
-    for level, kind, payload in anc:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            a = array.array("i")
-            a.frombytes(payload[: len(payload) - len(payload) % a.itemsize])
-            out.extend(a)
-    return out
+_fds = _fdpass.received
 
 
 def _recv(sock: socket.socket) -> tuple[dict, list[int]]:
@@ -451,22 +444,7 @@ def _install(stdio: dict[int, int], err_w: int) -> None:
         os.close(fd)
 
 
-def _close_fds_except(keep: set[int]) -> None:
-    low = 0
-    for fd in sorted(keep):
-        if fd > low:
-            os.closerange(low, fd)
-        low = fd + 1
-    os.closerange(low, 1 << 20)
+_close_fds_except = _fdpass.close_all_except
 
 
-def _read_all(fd: int) -> bytes:
-    chunks = []
-    while True:
-        try:
-            chunk = os.read(fd, 4096)
-        except InterruptedError:
-            continue
-        if not chunk:
-            return b"".join(chunks)
-        chunks.append(chunk)
+_read_all = _fdpass.read_all

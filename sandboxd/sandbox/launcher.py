@@ -35,6 +35,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
+from . import _fds
 from .spec import RunSpec
 
 log = logging.getLogger("sandboxd.launcher")
@@ -278,12 +279,7 @@ class Launcher:
                 return
             except OSError:
                 data, anc = b"", []
-            fds = []
-            for level, kind, payload in anc:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    a = array.array("i")
-                    a.frombytes(payload[: len(payload) - len(payload) % a.itemsize])
-                    fds.extend(a)
+            fds = _fds.received(anc)
             if not data:
                 for fd in fds:
                     os.close(fd)

@@ -197,8 +197,6 @@ def test_a_cancellation_token_interrupts_the_cell_and_kills_the_command(daemon):
     assert not daemon.wait_no_leftovers()
 
 
-@pytest.mark.xfail(strict=True, reason="sandboxd loses the record of a session call whose client cancels it: "
-                   "service.Exec/RunCode record only on the 'result'/'done' event, which a cancelled RPC never reaches")
 def test_a_cancelled_call_is_recorded(daemon):
     async def main():
         async with SandboxdCodeExecutor(target=daemon.target) as executor:

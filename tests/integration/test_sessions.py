@@ -364,3 +364,25 @@ def test_session_metrics(sandbox, daemon):
     assert re.search(r'sandboxd_session_calls_total\{kind="code",outcome="exited"\} [1-9]', text)
     assert re.search(r'sandboxd_session_file_bytes_total\{direction="in"\} [1-9]', text)
     assert "sandboxd_session_lifetime_seconds_count" in text
+
+
+def test_a_call_its_client_cancels_is_stopped_and_recorded(start_daemon):
+    d = start_daemon()
+    with d.client() as c, c.session(runner="python") as s:
+        proc = s.start(["sh", "-c", "echo go; sleep 303"])
+        for event in proc:
+            if getattr(event, "stream", None) == "stdout":
+                break
+        proc.cancel()
+        box = {}
+        t = threading.Thread(target=lambda: box.update(r=s.run_code("import time; print('x', flush=True); "
+                                                                      "time.sleep(304)")))
+        t.start()
+        assert _wait(lambda: s.interrupt(), 15)   # once the cell is running
+        t.join(30)
+
+        def rows():
+            return [r for r in c.list_runs(limit=50)[0] if r.get("session_id") == s.id]
+        assert _wait(lambda: any(r["kind"] == "exec" and r["outcome"] == "cancelled" for r in rows()), 15), rows()
+        assert any(r["kind"] == "code" for r in rows())
+        assert not any("sleep 303" in p for p in _procs(s))
