@@ -66,7 +66,7 @@ def serve(spec: RunSpec, ctl: socket.socket, report, cap_last: int, zygote_pair=
     report(ev="ready", landlock=state.landlock)
     while True:
         try:
-            ready, _, _ = select.select([ctl, wake_r, state.zygote_sock], [], [])
+            ready, _, _ = select.select([ctl, wake_r] + ([state.zygote_sock] if state.zygote_sock else []), [], [])
         except InterruptedError:
             continue
         if wake_r in ready:
@@ -76,7 +76,7 @@ def serve(spec: RunSpec, ctl: socket.socket, report, cap_last: int, zygote_pair=
             except BlockingIOError:
                 pass
             state.reap()
-        if state.zygote_sock in ready:
+        if state.zygote_sock is not None and state.zygote_sock in ready:
             state.from_zygote()
         if ctl in ready:
             try:
@@ -159,6 +159,8 @@ class _Init:
         elif len(fds) != 2:
             raise ValueError(f"file: expected 2 fds, got {len(fds)}")
         if self.zygote_sock is None:
+            self._respawn()
+        if self.zygote_sock is None:
             self._forward({"ev": "call_failed", "id": call, "step": "zygote", "error": "no zygote"})
             return
         _send(self.zygote_sock, send, **msg)
@@ -205,8 +207,15 @@ class _Init:
             self.zygote_sock = None
         for call, master in list(self.masters.items()):
             self._forward({"ev": "call_failed", "id": call, "step": "zygote", "error": "the zygote died"})
-        if self.spawn_zygote():
-            self.zygote_sock = None
+        self._respawn()
+
+    def _respawn(self) -> None:
+        """A new zygote; if that fails now (e.g. no memory), the next call tries again: the session lives on."""
+        try:
+            if self.spawn_zygote():
+                self.zygote_sock = None
+        except OSError:
+            self.zygote, self.zygote_sock = -1, None
 
 
 def _zygote(spec: RunSpec, sock: socket.socket, cap_last: int) -> None:
@@ -219,9 +228,12 @@ def _zygote(spec: RunSpec, sock: socket.socket, cap_last: int) -> None:
         signal.signal(signal.SIGCHLD, lambda *_: None)
         step = "oom_score_adj"
         try:
-            # The OOM killer must pick a call's processes (they inherit this), never init: the session survives
-            # its calls. If it picks the zygote, init starts another.
-            _write_proc("/proc/self/oom_score_adj", PAYLOAD_OOM_SCORE)
+            # The OOM killer must pick a call's processes, never init or the zygote (a fork of the launcher's
+            # Python, larger than most calls): the zygote keeps 0 and raises itself to 1000 only around each
+            # fork, so every call inherits 1000. The descriptor is opened before Landlock, which checks paths
+            # when they are opened and would refuse /proc afterwards.
+            oom = os.open("/proc/self/oom_score_adj", os.O_WRONLY | os.O_CLOEXEC)
+            os.pwrite(oom, b"0", 0)
             step = "landlock"
             abi = landlock.apply(["/tmp", spec.workdir, "/dev/shm"], min_abi=spec.landlock_min_abi)
         except BaseException as e:  # noqa: BLE001 - fail closed: no call ever runs with less isolation
@@ -255,7 +267,7 @@ def _zygote(spec: RunSpec, sock: socket.socket, cap_last: int) -> None:
                     code = 0
                     break
                 try:
-                    _fork_call(spec, sock, msg, fds, calls, cap_last)
+                    _fork_call(spec, sock, msg, fds, calls, cap_last, oom)
                 except Exception as e:  # noqa: BLE001
                     _send(sock, ev="call_failed", id=str(msg.get("id", "")), step="zygote",
                           error=f"{type(e).__name__}: {e}")
@@ -266,14 +278,20 @@ def _zygote(spec: RunSpec, sock: socket.socket, cap_last: int) -> None:
     os._exit(code)
 
 
-def _fork_call(spec: RunSpec, sock, msg: dict, fds: list[int], calls: dict, cap_last: int) -> None:
+def _fork_call(spec: RunSpec, sock, msg: dict, fds: list[int], calls: dict, cap_last: int, oom: int) -> None:
     call = str(msg.get("id", ""))
+    zygote_pid = os.getpid()
     if msg.get("op") == "exec":
         stdio = {0: fds[0], 1: fds[0], 2: fds[0]} if msg.get("tty") else {0: fds[0], 1: fds[1], 2: fds[2]}
         if not msg.get("tty") and msg.get("extra") and len(fds) > 3:
             stdio[3] = fds[3]
     err_r, err_w = os.pipe2(os.O_CLOEXEC)
-    pid = os.fork()
+    os.pwrite(oom, PAYLOAD_OOM_SCORE.encode(), 0)   # inherited by the call...
+    try:
+        pid = os.fork()
+    finally:
+        if os.getpid() == zygote_pid:
+            os.pwrite(oom, b"0", 0)                     # ...not kept by the zygote
     if pid == 0:
         os.close(err_r)
         sock.close()
