@@ -52,8 +52,13 @@ class Daemon:
     cwd = str(ROOT)
 
     def __init__(self, workdir: pathlib.Path, config_extra: str = "", runners_dir: str | None = None,
-                 env: dict | None = None):
+                 env: dict | None = None, pool: bool = False):
         self._place(workdir)
+        # The warm pool is explicit: off unless asked for (or configured by the test), so a daemon's cgroups
+        # and uids are its runs' only.
+        self.pool = pool or "[pool" in config_extra
+        if not self.pool:
+            config_extra += "\n[pool]\nsize = 0\nrunners = {}\n"
         runners = f'runners_dir = "{runners_dir}"\n' if runners_dir else ""
         sections = {"server": "", "sandbox": "", "rest": ""}
         # Tests may extend [server] and [sandbox]; everything else they pass goes after.
@@ -84,6 +89,7 @@ class Daemon:
         self.uid_start = 400000 + (os.getpid() % 500) * 2000 + n * 64
         self.uid_count = 64
         self.config_path = workdir / "sandboxd.toml"
+        self.pool_cap = 8   # [pool] max_total's default
 
     def _start(self, config_text: str, env: dict | None = None) -> None:
         """Write the configuration, start `sandboxd serve` on it and wait until it answers."""
@@ -136,6 +142,13 @@ class Daemon:
         found = []
         for d in find_cgroup_dirs(self.parent_name):
             found += [os.path.join(d, c) for c in os.listdir(d) if c.startswith("run-")]
+        if self.pool:
+            # Sandboxes waiting in the pool are not leftovers: at most the pool's cap of them, none holding a
+            # process of a run uid (init waits as root; checked below like every run's processes).
+            pooled = [f for f in found if os.path.basename(f).startswith("run-pool-")]
+            found = [f for f in found if f not in pooled]
+            if len({os.path.basename(f) for f in pooled}) > self.pool_cap:
+                found += pooled
         found += [f"pid {p.pid} uid {p.uids().real}" for p in procs_with_uids(self.uid_start,
                                                                              self.uid_start + self.uid_count)]
         return found
