@@ -34,6 +34,9 @@ from .sandbox.spec import RunSpec, sandbox_key
 log = logging.getLogger("sandboxd.pool")
 BACKOFF = 5.0        # seconds before a runner whose build failed is tried again
 BUILD_TIMEOUT = 60.0
+# A claim sets the run's own memory limit on the pooled cgroup, which already holds init (~10 MiB of Python);
+# a limit this close to that takes the cold path, where the limit is in place before anything joins.
+MIN_CLAIM_MEMORY = 32 << 20
 
 
 @dataclass(eq=False)
@@ -91,7 +94,8 @@ class Pool:
         if template is None:
             return None
         hit = None
-        if not spec.session and not spec.pooled and sandbox_key(spec) == sandbox_key(template):
+        if (not spec.session and not spec.pooled and spec.limits.memory >= MIN_CLAIM_MEMORY
+                and sandbox_key(spec) == sandbox_key(template)):
             entries = self.ready[runner]
             while entries:
                 entry = entries.pop(0)

@@ -282,6 +282,7 @@ class ForkServer:
         on_control). From then on it is an ordinary one-shot run."""
         pool_id, run_id = str(msg.get("pool_id", "")), str(msg.get("run_id", ""))
         run = self.runs.get(pool_id)
+        relimited = False
         try:
             if run is None or not run.spec.pooled or run.ctl is None or run.kill_reason is not None:
                 raise ValueError(f"pooled sandbox {pool_id!r} is gone")
@@ -290,10 +291,17 @@ class ForkServer:
             spec = RunSpec.from_json(_read_fd(fds[0]))
             if (spec.run_id != run_id or spec.pooled or spec.session
                     or (spec.uid, spec.gid) != (run.spec.uid, run.spec.gid) or sandbox_key(spec) != sandbox_key(run.spec)):
-                raise ValueError("the run does not fit the pooled sandbox (uid, root filesystem or limits differ)")
-        except Exception as e:  # noqa: BLE001 - the run fails closed; a sandbox still dying keeps its uid out
+                raise ValueError("the run does not fit the pooled sandbox (uid or root filesystem differ)")
+            limits = cgroups.CgroupLimits(spec.limits.memory, spec.limits.pids, spec.limits.cpus)
+            if limits != cgroups.CgroupLimits(run.spec.limits.memory, run.spec.limits.pids, run.spec.limits.cpus):
+                relimited = True
+                self.driver.relimit(run.cgroup, limits)
+        except Exception as e:  # noqa: BLE001 - the run fails closed
+            # Nothing has ever run with the pooled sandbox's uid (its init is root), so the uid is free again.
             self.send(ev="finished", run_id=run_id, setup_error=f"launcher: pool: {type(e).__name__}: {e}",
-                      clean=pool_id not in self.removing)
+                      clean=True)
+            if relimited:  # half set limits: that sandbox serves nobody
+                self.handle_kill(pool_id, "cancelled")
             return
         del self.runs[pool_id]
         run.spec, run.forked_at = spec, time.time()

@@ -151,13 +151,13 @@ class RunSpec:
 
 
 def sandbox_key(spec: RunSpec) -> tuple:
-    """What shapes a sandbox before its program exists: namespaces, root filesystem, mounts and cgroup limits.
-    A pooled sandbox serves a run only if both keys are equal; everything else (argv, env, files, rlimits, the
-    seccomp program, Landlock) is applied to the claiming run as in a cold one."""
+    """What shapes a sandbox before its program exists: namespaces, root filesystem and mounts (with their sizes).
+    A pooled sandbox serves a run only if both keys are equal; the cgroup's limits are set again for the run at
+    its claim, and everything else (argv, env, files, rlimits, the seccomp program, Landlock) is applied to the
+    claiming run as in a cold one."""
     lim = spec.limits
     return (spec.image, spec.hostname, spec.user, spec.workdir, spec.network, spec.egress, spec.session,
-            spec.support_files, lim.tmp_size, lim.tmp_inodes, lim.work_size, lim.work_inodes, lim.memory, lim.pids,
-            lim.cpus)
+            spec.support_files, lim.tmp_size, lim.tmp_inodes, lim.work_size, lim.work_inodes)
 
 
 def _sha(data: bytes) -> str:
