@@ -184,6 +184,21 @@ def daemon():
             _check_stopped(d)
 
 
+@pytest.fixture(scope="session")
+def pooled_daemon():
+    """A daemon whose warm pool is on for the python runner, sized for the security battery's default limits:
+    its runs claim sandboxes built ahead of time (tests/integration/test_pool.py, the battery's "pooled" mode)."""
+    if os.geteuid() != 0:
+        pytest.skip("sandboxd tests need root")
+    with tempfile.TemporaryDirectory(prefix="sandboxd-test-") as tmp:
+        d = Daemon(pathlib.Path(tmp), "[pool]\nmax_total = 4\nrunners = { python = 2 }\n")
+        d.pool_cap = 4
+        try:
+            yield d
+        finally:
+            _check_stopped(d)
+
+
 @pytest.fixture
 def start_daemon(tmp_path_factory):
     """Start a daemon with extra configuration: start_daemon('[limits.max]\\nmemory = "64MiB"')."""
