@@ -52,10 +52,13 @@ class Daemon:
     cwd = str(ROOT)
 
     def __init__(self, workdir: pathlib.Path, config_extra: str = "", runners_dir: str | None = None,
-                 env: dict | None = None, pool: bool = False):
+                 env: dict | None = None, pool: bool | None = None):
         self._place(workdir)
         # The warm pool is explicit: off unless asked for (or configured by the test), so a daemon's cgroups
-        # and uids are its runs' only.
+        # and uids are its runs' only. SANDBOXD_TEST_POOL=1 turns the built-in default (python: 2) on for every
+        # daemon a test starts, to run a whole suite with the pool on.
+        if pool is None:
+            pool = os.environ.get("SANDBOXD_TEST_POOL") == "1"
         self.pool = pool or "[pool" in config_extra
         if not self.pool:
             config_extra += "\n[pool]\nsize = 0\nrunners = {}\n"
