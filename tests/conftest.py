@@ -60,8 +60,6 @@ class Daemon:
         if pool is None:
             pool = os.environ.get("SANDBOXD_TEST_POOL") == "1"
         self.pool = pool or "[pool" in config_extra
-        if not self.pool:
-            config_extra += "\n[pool]\nsize = 0\nrunners = {}\n"
         runners = f'runners_dir = "{runners_dir}"\n' if runners_dir else ""
         sections = {"server": "", "sandbox": "", "rest": ""}
         # Tests may extend [server] and [sandbox]; everything else they pass goes after.
@@ -73,8 +71,10 @@ class Daemon:
             if line.strip().startswith("["):
                 current = "rest"
             sections[current] += line + "\n"
+        # Pool off as a top-level inline table, first: tests append to the file's last table.
+        pool_off = "" if self.pool else "pool = { size = 0, runners = {} }\n"
         self._start(
-            f'[server]\nlisten = ["{self.target}"]\nstate_dir = "{self.state_dir}"\n'
+            f'{pool_off}[server]\nlisten = ["{self.target}"]\nstate_dir = "{self.state_dir}"\n'
             f'runtime_dir = "{self.runtime_dir}"\nmetrics_listen = "127.0.0.1:0"\nshutdown_grace = "5s"\n'
             f'{sections["server"]}'
             f'[sandbox]\ncgroup_parent_name = "{self.parent_name}"\nuid_start = {self.uid_start}\n'

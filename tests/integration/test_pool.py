@@ -116,9 +116,11 @@ def both_ways(daemon, pooled_daemon, code: str, runner: str = "python", **kw):
         warm = c.run(code, runner, **kw)
     assert pooled_of(pooled_daemon, warm.run_id) is True, "the pooled daemon ran it cold"
     assert pooled_of(daemon, cold.run_id) is False
-    for field in ("outcome", "exit_code", "signal", "stdout", "stderr", "stdout_truncated", "stderr_truncated",
-                  "stdout_bytes", "stderr_bytes"):
+    for field in ("outcome", "exit_code", "signal", "stdout", "stderr", "stdout_truncated", "stderr_truncated"):
         assert getattr(warm, field) == getattr(cold, field), (field, cold, warm)
+    for stream in ("stdout", "stderr"):  # past a cap, what was written before the kill landed is a race, cold or not
+        if not getattr(cold, f"{stream}_truncated"):
+            assert getattr(warm, f"{stream}_bytes") == getattr(cold, f"{stream}_bytes"), (stream, cold, warm)
     assert re.sub(r"\d+ bytes", "", warm.message) == re.sub(r"\d+ bytes", "", cold.message)
     return cold
 
@@ -132,7 +134,8 @@ def test_a_pooled_run_is_indistinguishable_from_a_cold_one(daemon, pooled_daemon
 
 @pytest.mark.parametrize("name", sorted(COMPAT.PYTHON))
 def test_compat_workloads_the_same_pooled_and_cold(daemon, pooled_daemon, name):
-    code = COMPAT.textwrap.dedent(COMPAT.PYTHON[name]) + "\nprint('ok')"
+    # Guarded: spawned children import the script again, and how many do is a race, cold or not.
+    code = COMPAT.textwrap.dedent(COMPAT.PYTHON[name]) + "\nif __name__ == '__main__':\n    print('ok')"
     cold = both_ways(daemon, pooled_daemon, code, wall_time=60)
     assert (cold.outcome, cold.exit_code, cold.stdout) == ("exited", 0, b"ok\n"), cold
 
