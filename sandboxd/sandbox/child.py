@@ -12,13 +12,17 @@ default route through lo and the nftables rules that redirect every other TCP co
 anything else leaving loopback) and `egress` (the proxy's listeners are made inside the run's namespace and sent
 to the launcher through `egress_fd`); see sandbox/egress.py. Both run before the payload exists.
 
+A pooled sandbox (spec.pooled, the warm pool) is the same tree stopped after `rootfs`: init reports "pooled" and
+waits on `extra_fd` for the one run it will serve (`_await_claim`: that run's spec and pipes), writes the run's
+files into /work, and goes on exactly as above from the payload on.
+
 When init exits, the kernel kills every other process of the pid namespace; the launcher then kills and removes
 the cgroup, which catches anything that could have escaped the namespace. Each step runs through `_step`, so a
 failure names the step and the run fails closed with outcome setup_failed: the payload is never exec'd with
 less isolation than the spec asks for.
 
 Init talks to the launcher through `status_fd` with one JSON object per line (each well under PIPE_BUF, so
-lines never interleave): {"ev": "exec", "landlock": abi}, {"ev": "setup_failed", "step": ..., "error": ...},
+lines never interleave): {"ev": "pooled"} (a pooled sandbox is ready), {"ev": "exec", "landlock": abi}, {"ev": "setup_failed", "step": ..., "error": ...},
 {"ev": "exit", "code": n} or {"ev": "exit", "signal": n}. The payload tells init what it applied (the Landlock
 ABI) and why it failed over its own close-on-exec pipe, one JSON object per line; EOF without a failure means
 execve succeeded.
