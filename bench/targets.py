@@ -74,18 +74,56 @@ def p95_ms(samples: list[float]) -> float:
     return s[max(0, int(len(s) * 0.95) - 1)] * 1000
 
 
-class BenchDaemon:
-    """The tests' private daemon helper with a uid range of its own, wide enough for the scale target."""
+# The warm pool of the benchmark's daemon: python only, deep enough for four clients back to back.
+POOL = """[pool]
+max_total = 8
+refill_concurrency = 2
+runners = { python = 4 }
+"""
 
-    def __new__(cls, workdir: pathlib.Path, config_extra: str = ""):
+
+class BenchDaemon:
+    """The tests' private daemon helper with a uid range of its own, wide enough for the scale target (`slot` 1:
+    the cold daemon's, beside it)."""
+
+    def __new__(cls, workdir: pathlib.Path, config_extra: str = "", slot: int = 0):
         from conftest import Daemon
 
         class _D(Daemon):
             def _place(self, workdir):
                 super()._place(workdir)
-                self.uid_start = 3_000_000 + (os.getpid() % 1000) * 2 * SCALE_UIDS
+                self.uid_start = 3_000_000 + (os.getpid() % 1000) * 2 * SCALE_UIDS + slot * SCALE_UIDS
                 self.uid_count = SCALE_UIDS
         return _D(workdir, config_extra)
+
+
+def pool_ready(d, n: int = 1, timeout: float = 30.0) -> None:
+    """Wait until the pooled daemon has `n` sandboxes ready (so a warm sample measures a claim, not a miss)."""
+    deadline = time.monotonic() + timeout
+    while metric(d, 'sandboxd_pool_ready{runner="python"}') < n and time.monotonic() < deadline:
+        time.sleep(0.005)
+
+
+def metric(d, name: str) -> float:
+    import re
+    import urllib.request
+    port = re.search(r"metrics http://127\.0\.0\.1:(\d+)", d.log()).group(1)
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    m = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def pool_idle_memory(d) -> tuple[int, float]:
+    """Pooled sandboxes waiting, and the mean memory charged to each one's cgroup (init, its tmpfs, page tables)."""
+    from conftest import find_cgroup_dirs
+    sizes = []
+    for top in find_cgroup_dirs(d.parent_name):
+        for name in os.listdir(top):
+            for f in ("memory.usage_in_bytes", "memory.current"):
+                path = os.path.join(top, name, f)
+                if name.startswith("run-pool-") and os.path.exists(path):
+                    sizes.append(int(open(path).read()))
+    return len(sizes), (statistics.mean(sizes) if sizes else 0.0)
 
 
 def rss(pid: int) -> int:
@@ -272,18 +310,24 @@ def main() -> None:
         bw = timed(lambda: subprocess.run(bw_argv, check=True, stdout=subprocess.DEVNULL), n) if have_bwrap else []
         raw["bare_ms"], raw["bwrap_ms"] = med_ms(bare), med_ms(bw) if bw else None
         (tmp / "daemon").mkdir()
-        d = BenchDaemon(tmp / "daemon", CONFIG)
+        d = BenchDaemon(tmp / "daemon", CONFIG + POOL)
+        dc = None
         try:
-            with d.client() as c:
-                def e2e():
-                    r = c.run(PRINT1)
+            (tmp / "cold").mkdir()
+            dc = BenchDaemon(tmp / "cold", CONFIG, slot=1)   # the same daemon with its pool off
+            with d.client() as c, dc.client() as cc:
+                def e2e(client=c):
+                    r = client.run(PRINT1)
                     assert r.outcome == "exited" and r.stdout == b"1\n", r
-                warm = timed(e2e, n)
+                warm = []
+                for _ in range(n):   # each sample a claim: wait (untimed) for a ready sandbox first
+                    pool_ready(d)
+                    warm += timed(e2e, 1)
                 raw["warm_ms"] = med_ms(warm)
                 raw["warm_p95_ms"] = p95_ms(warm)
-                # No warm pool in this build: every run takes the cold path, so warm and cold are the same runs.
-                cold = warm
+                cold = timed(lambda: e2e(cc), n)
                 raw["cold_ms"] = med_ms(cold)
+                raw["cold_p95_ms"] = p95_ms(cold)
                 alone = asyncio.run(launcher_alone(d, n))
                 raw["launcher_alone_ms"] = med_ms(alone)
                 bare_ms = raw["bare_ms"]
@@ -302,9 +346,14 @@ def main() -> None:
                                                                    stdout=subprocess.DEVNULL), tput_runs)
                 rate_bw = concurrent_rate(lambda: subprocess.run(bw_argv, check=True, stdout=subprocess.DEVNULL),
                                           tput_runs) if bw else None
-                rate_sd = concurrent_rate(e2e, tput_runs)
-                raw.update(rate_bare=rate_bare, rate_bwrap=rate_bw, rate_warm=rate_sd, rate_cold=rate_sd)
-                for label, rate in (("cold", rate_sd), ("warm", rate_sd)):
+                rate_cold = concurrent_rate(lambda: e2e(cc), tput_runs)
+                pool_ready(d, 4)
+                hits = metric(d, 'sandboxd_pool_claims_total{result="hit",runner="python"}')
+                rate_warm = concurrent_rate(e2e, tput_runs)
+                # Back to back, four clients outrun the refill: the rest of the runs miss and go cold.
+                raw["warm_tput_hits"] = metric(d, 'sandboxd_pool_claims_total{result="hit",runner="python"}') - hits
+                raw.update(rate_bare=rate_bare, rate_bwrap=rate_bw, rate_warm=rate_warm, rate_cold=rate_cold)
+                for label, rate in (("cold", rate_cold), ("warm", rate_warm)):
                     if rate_bw:
                         line(res, "3", f"throughput x4 {label}", f"{rate:.1f} runs/s",
                              f"bubblewrap {rate_bw:.1f}, bare {rate_bare:.1f}", rate / rate_bw, ">= bubblewrap",
@@ -352,10 +401,15 @@ def main() -> None:
             p99 = sc["line_delay_p99_ms"]
             line(res, "5", "scale: p99 line delay", f"{p99} ms", f"{sc['lines']} lines",
                  p99 / 50 if p99 is not None else None, "<= 50 ms", p99 is not None and p99 <= 50)
-            line(res, "-", "pool: idle memory per sandbox", "no pool", "this build has no warm pool", None,
-                 "reported", None)
+            pool_ready(d, 4)
+            count, mean = pool_idle_memory(d)
+            raw["pool_idle_sandboxes"], raw["pool_idle_bytes_mean"] = count, mean
+            line(res, "-", "pool: idle memory per sandbox", f"{mean / (1 << 20):.1f} MiB",
+                 f"{count} ready sandboxes (cgroup memory)", None, "reported", None)
         finally:
             d.stop()
+            if dc is not None:
+                dc.stop()
     out = ROOT / "bench" / "results"
     out.mkdir(exist_ok=True)
     (out / "targets.json").write_text(json.dumps({"targets": res, "raw": raw}, indent=2))

@@ -209,6 +209,19 @@ class SessionsConfig:
 
 
 @dataclass(frozen=True)
+class PoolConfig:
+    """The warm pool (sandboxd/pool.py): single-use sandboxes built ahead of time, per runner."""
+
+    size: int = 0                        # ready sandboxes per runner not named in `runners`
+    runners: tuple[tuple[str, int], ...] = (("python", 2),)   # per-runner sizes
+    max_total: int = 8                   # ready or being built, all runners together
+    refill_concurrency: int = 1          # sandboxes built at once
+
+    def size_of(self, runner: str) -> int:
+        return dict(self.runners).get(runner, self.size)
+
+
+@dataclass(frozen=True)
 class EgressConfig:
     """How the egress proxy resolves names: "system" (the host's resolver) or "static" (only `hosts`)."""
 
@@ -236,6 +249,7 @@ class Config:
     sessions: SessionsConfig = field(default_factory=SessionsConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
     egress: EgressConfig = field(default_factory=EgressConfig)
+    pool: PoolConfig = field(default_factory=PoolConfig)
     source: str = "<built-in default>"
 
 
@@ -394,10 +408,11 @@ def parse(text: str, path: str) -> Config:
     sessions = _sessions(path, top.table_of("sessions"))
     audit = _audit(path, _Reader(path, top.table_of("audit"), "audit."))
     egress = _egress_config(path, top.table_of("egress"))
+    pool = _pool(path, top.table_of("pool"))
     top.done()
     return Config(server=server, sandbox=sandbox, admission=admission, logging=logging_cfg,
                   default_limits=default_limits, max_limits=max_limits, identity=identity, tls=tls, store=store,
-                  sessions=sessions, audit=audit, egress=egress, source=path)
+                  sessions=sessions, audit=audit, egress=egress, pool=pool, source=path)
 
 
 def _sessions(path: str, table: dict) -> SessionsConfig:
@@ -422,6 +437,24 @@ def _sessions(path: str, table: dict) -> SessionsConfig:
                               f"({ceiling:g}s), got {dflt:g}s")
     if cfg.transfer_limit < (1 << 20):
         raise ConfigError(f"{path}: sessions.transfer_limit: expected at least 1MiB")
+    return cfg
+
+
+def _pool(path: str, table: dict) -> PoolConfig:
+    r = _Reader(path, table, "pool.")
+    d = PoolConfig()
+    given = r.table_of("runners")
+    runners = []
+    for name, size in (given.items() if "runners" in table else d.runners):
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise ConfigError(f"{path}: pool.runners.{name}: expected a non-negative integer, got {size!r}")
+        runners.append((name, size))
+    cfg = PoolConfig(size=r.get("size", "int", d.size), runners=tuple(runners),
+                     max_total=r.get("max_total", "int", d.max_total),
+                     refill_concurrency=r.get("refill_concurrency", "int", d.refill_concurrency))
+    r.done()
+    if cfg.refill_concurrency < 1:
+        raise ConfigError(f"{path}: pool.refill_concurrency: expected at least 1, got {cfg.refill_concurrency}")
     return cfg
 
 

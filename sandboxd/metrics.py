@@ -51,6 +51,12 @@ class Metrics:
                                           ["decision"], registry=r)
         self.egress_bytes = Counter("sandboxd_egress_bytes", "Bytes relayed by the egress proxy (in: to runs).",
                                     ["direction"], registry=r)
+        self.pool_ready = Gauge("sandboxd_pool_ready", "Pooled sandboxes ready to be claimed.", ["runner"],
+                                registry=r)
+        self.pool_claims = Counter("sandboxd_pool_claims", "Runs that claimed a pooled sandbox (hit) or took the "
+                                   "cold path (miss), for runners with a pool.", ["runner", "result"], registry=r)
+        self.pool_refill = Histogram("sandboxd_pool_refill_seconds", "Time to build one pooled sandbox.",
+                                     ["runner"], buckets=BUCKETS_FAST, registry=r)
         self.build = Gauge("sandboxd_build_info", "Version of the running daemon.", ["version"], registry=r)
         self.build.labels(__version__).set(1)
         for reason in REJECT_REASONS:

@@ -198,3 +198,13 @@ def plan_session(runner_name: str, runners: dict[str, Runner], images: dict[str,
                    image=images[runner.image], seccomp=seccomp[runner.seccomp], limits=limits, files=tuple(out),
                    workdir="/work", session=True, lifetime=lifetime, support_files=support,
                    landlock_min_abi=landlock_min_abi, network="egress" if egress else "none", egress=egress)
+
+
+def plan_pooled(runner: Runner, images: dict[str, ImageSpec], seccomp: dict[str, SeccompProgram], pool_id: str,
+                landlock_min_abi: int = 1) -> RunSpec:
+    """The RunSpec a pooled sandbox of `runner` is built from: what a run of that runner with no limits of its
+    own and no egress gets (the runner's default limits), no program and no files yet. A run whose plan has the
+    same sandbox_key can claim it (uid/gid still 0: the pool allocates them)."""
+    return RunSpec(run_id=pool_id, argv=(), env=(), image=images[runner.image], seccomp=seccomp[runner.seccomp],
+                   limits=resolve_limits({}, runner), workdir="/work", landlock_min_abi=landlock_min_abi,
+                   pooled=True)

@@ -638,7 +638,7 @@ class SandboxService(SessionService, pb_grpc.SandboxServicer):
         d = self.d
         try:
             run = await d.supervisor.start(spec, stdin, accepted, keep_output=d.STORED_OUTPUT if store_output else 0,
-                                           principal=t.principal)
+                                           principal=t.principal, runner=runner)
         except SetupFailed as err:
             result = RunResult(spec.run_id, Outcome.SETUP_FAILED, message=str(err))
             await d.finish(spec.run_id, result, runner)
@@ -664,7 +664,8 @@ class SandboxService(SessionService, pb_grpc.SandboxServicer):
     async def _finish(self, run, runner: str) -> RunResult:
         exec_at = await run.started
         if exec_at:
-            await self.d.record("run_started", run.spec.run_id, {"started_at": exec_at, "uid": run.spec.uid})
+            await self.d.record("run_started", run.spec.run_id, {"started_at": exec_at, "uid": run.spec.uid,
+                                                                 "pooled": run.pooled})
         result = await run.result
         await self.d.finish(run.spec.run_id, result, runner)
         return result

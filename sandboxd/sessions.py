@@ -170,11 +170,18 @@ class SessionManager:
         if policy.max_sessions and self.live_for(principal_id) >= policy.max_sessions:
             raise Overloaded(f"principal {principal_id!r} already has {policy.max_sessions} live sessions, the "
                              f"most policy {policy.name!r} allows", retry_after=5.0)
-        budget = cfg.memory_budget or _half_memory()
-        used = sum(s.memory for s in live)
+        budget = self.memory_budget()
+        used = self.memory_held() + self.d.pool.memory()
         if used + memory > budget:
             raise Overloaded(f"the sessions' memory budget is spent: {used} of {budget} bytes are held by live "
-                             f"sessions and this one asks for {memory}", retry_after=5.0)
+                             f"sessions and the warm pool, and this one asks for {memory}", retry_after=5.0)
+
+    def memory_budget(self) -> int:
+        """Bytes of memory limits that live sessions and the warm pool's sandboxes may hold together."""
+        return self.d.config.sessions.memory_budget or _half_memory()
+
+    def memory_held(self) -> int:
+        return sum(s.memory for s in self.sessions.values() if s.state != "closed")
 
     async def create(self, session: Session, files: tuple[File, ...] = (), tar: bytes = b"") -> Session:
         """Start the sandbox. Raises SetupFailed (recorded by the caller) if it cannot be built."""

@@ -32,6 +32,7 @@ from .sandbox import cgroups, landlock, namespaces, seccomp
 from .sandbox.launcher import Launcher
 from .sandbox.spec import ImageSpec, SeccompProgram
 from .store import Store
+from .pool import Pool
 from .sessions import SessionManager
 from .supervisor import ActiveRun, RunResult, Supervisor, UidPool
 
@@ -100,7 +101,8 @@ class Daemon:
         self.uids = UidPool(cfg.sandbox.uid_start, cfg.sandbox.uid_count)
         self.egress = EgressProxy(Resolver(cfg.egress.resolver, dict(cfg.egress.hosts)), self.record_event,
                                   self.metrics)
-        self.supervisor = Supervisor(self.launcher, self.uids, self.egress)
+        self.pool = Pool(self)
+        self.supervisor = Supervisor(self.launcher, self.uids, self.egress, self.pool)
         # Never more concurrent runs than uids to give them, keeping the uids live sessions may hold.
         slots = min(cfg.admission.max_concurrent or default_max_concurrent(), self._run_uids(cfg))
         self.admission = Admission(slots, cfg.admission.max_queue, cfg.admission.max_queue_wait,
@@ -127,7 +129,9 @@ class Daemon:
 
     @staticmethod
     def _run_uids(cfg: Config) -> int:
-        return max(1, cfg.sandbox.uid_count - min(cfg.sessions.max_live, cfg.sandbox.uid_count // 2))
+        # Live sessions and the warm pool hold uids of the same range (at most half and a quarter of it).
+        return max(1, cfg.sandbox.uid_count - min(cfg.sessions.max_live, cfg.sandbox.uid_count // 2)
+                   - min(cfg.pool.max_total, cfg.sandbox.uid_count // 4))
 
     @property
     def authenticator(self) -> Authenticator:
@@ -167,6 +171,7 @@ class Daemon:
                 if rec.get("kind") != "session":
                     self.metrics.runs.labels(str(rec.get("runner") or "-"), "interrupted").inc()
         self.sessions.start()
+        self.pool.start()
         await self._call(self.store.append, "config.loaded", {
             "source": self.config.source, "config_sha256": self.catalog.config_sha256, "version": __version__,
             "runners": sorted(self.catalog.runners), "host": self.hostname})
@@ -203,6 +208,7 @@ class Daemon:
                         audit.REFUSALS)
 
     async def stop(self) -> None:
+        await self.pool.stop()
         await self.sessions.stop()
         await self.launcher.stop()
         if self.store is not None:
@@ -257,6 +263,7 @@ class Daemon:
                                    new.admission.max_queue, new.admission.max_queue_wait,
                                    new.admission.max_queue_per_principal)
         logging.getLogger().setLevel(new.logging.level)
+        self.pool.reconfigure()
         self.metrics.reloads.labels("success").inc()
         await self._call(self.store.append, "config.loaded", {
             "source": self.config.source, "config_sha256": catalog.config_sha256, "version": __version__,

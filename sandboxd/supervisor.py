@@ -162,6 +162,7 @@ class ActiveRun:
         self.collected: list[dict] = []
         self.collect_truncated = False
         self.egress = None   # RunEgress, for runs with egress
+        self.pooled = False  # served by a sandbox of the warm pool
 
     async def output(self) -> AsyncIterator[tuple[str, bytes]]:
         """("stdout" | "stderr", chunk) in the order read, until both streams are closed."""
@@ -179,22 +180,28 @@ class ActiveRun:
 
 
 class Supervisor:
-    def __init__(self, launcher: Launcher, uids: UidPool, egress=None):
-        self.launcher, self.uids, self.egress = launcher, uids, egress
+    def __init__(self, launcher: Launcher, uids: UidPool, egress=None, pool=None):
+        self.launcher, self.uids, self.egress, self.pool = launcher, uids, egress, pool
         self.active: dict[str, ActiveRun] = {}
 
     async def start(self, spec: RunSpec, stdin: bytes, accepted_at: float, keep_output: int = 0,
-                    principal: str = "") -> ActiveRun:
-        """Allocate a uid, hand the run to the launcher and start streaming. Raises SetupFailed or Overloaded
-        before anything runs; after that, every failure is part of the RunResult."""
-        uid = self.uids.take()
+                    principal: str = "", runner: str = "") -> ActiveRun:
+        """Allocate a uid (a pooled sandbox of `runner` comes with its own), hand the run to the launcher and
+        start streaming. Raises SetupFailed or Overloaded before anything runs; after that, every failure is part
+        of the RunResult."""
+        pooled = self.pool.claim(runner, spec) if self.pool is not None and runner else None
+        uid = pooled.spec.uid if pooled is not None else self.uids.take()
         spec = dataclasses.replace(spec, uid=uid, gid=uid)
         run = ActiveRun(spec, keep_output)
+        run.pooled = pooled is not None
         out_r, out_w = os.pipe2(os.O_CLOEXEC)
         err_r, err_w = os.pipe2(os.O_CLOEXEC)
         col_r, col_w = os.pipe2(os.O_CLOEXEC) if spec.collect else (-1, -1)
         try:
-            run.handle = await self.launcher.run(spec, stdin, out_w, err_w, col_w)
+            if pooled is not None:
+                run.handle = await self.launcher.claim(pooled.handle, spec, stdin, out_w, err_w, col_w)
+            else:
+                run.handle = await self.launcher.run(spec, stdin, out_w, err_w, col_w)
         except LauncherError as e:
             os.close(out_r)
             os.close(err_r)

@@ -52,8 +52,14 @@ class Daemon:
     cwd = str(ROOT)
 
     def __init__(self, workdir: pathlib.Path, config_extra: str = "", runners_dir: str | None = None,
-                 env: dict | None = None):
+                 env: dict | None = None, pool: bool | None = None):
         self._place(workdir)
+        # The warm pool is explicit: off unless asked for (or configured by the test), so a daemon's cgroups
+        # and uids are its runs' only. SANDBOXD_TEST_POOL=1 turns the built-in default (python: 2) on for every
+        # daemon a test starts, to run a whole suite with the pool on.
+        if pool is None:
+            pool = os.environ.get("SANDBOXD_TEST_POOL") == "1"
+        self.pool = pool or "[pool" in config_extra
         runners = f'runners_dir = "{runners_dir}"\n' if runners_dir else ""
         sections = {"server": "", "sandbox": "", "rest": ""}
         # Tests may extend [server] and [sandbox]; everything else they pass goes after.
@@ -65,8 +71,10 @@ class Daemon:
             if line.strip().startswith("["):
                 current = "rest"
             sections[current] += line + "\n"
+        # Pool off as a top-level inline table, first: tests append to the file's last table.
+        pool_off = "" if self.pool else "pool = { size = 0, runners = {} }\n"
         self._start(
-            f'[server]\nlisten = ["{self.target}"]\nstate_dir = "{self.state_dir}"\n'
+            f'{pool_off}[server]\nlisten = ["{self.target}"]\nstate_dir = "{self.state_dir}"\n'
             f'runtime_dir = "{self.runtime_dir}"\nmetrics_listen = "127.0.0.1:0"\nshutdown_grace = "5s"\n'
             f'{sections["server"]}'
             f'[sandbox]\ncgroup_parent_name = "{self.parent_name}"\nuid_start = {self.uid_start}\n'
@@ -84,6 +92,7 @@ class Daemon:
         self.uid_start = 400000 + (os.getpid() % 500) * 2000 + n * 64
         self.uid_count = 64
         self.config_path = workdir / "sandboxd.toml"
+        self.pool_cap = 8   # [pool] max_total's default
 
     def _start(self, config_text: str, env: dict | None = None) -> None:
         """Write the configuration, start `sandboxd serve` on it and wait until it answers."""
@@ -136,6 +145,13 @@ class Daemon:
         found = []
         for d in find_cgroup_dirs(self.parent_name):
             found += [os.path.join(d, c) for c in os.listdir(d) if c.startswith("run-")]
+        if self.pool:
+            # Sandboxes waiting in the pool are not leftovers: at most the pool's cap of them, none holding a
+            # process of a run uid (init waits as root; checked below like every run's processes).
+            pooled = [f for f in found if os.path.basename(f).startswith("run-pool-")]
+            found = [f for f in found if f not in pooled]
+            if len({os.path.basename(f) for f in pooled}) > self.pool_cap:
+                found += pooled
         found += [f"pid {p.pid} uid {p.uids().real}" for p in procs_with_uids(self.uid_start,
                                                                              self.uid_start + self.uid_count)]
         return found
@@ -165,6 +181,21 @@ def daemon():
         pytest.skip("sandboxd tests need root")
     with tempfile.TemporaryDirectory(prefix="sandboxd-test-") as tmp:
         d = Daemon(pathlib.Path(tmp))
+        try:
+            yield d
+        finally:
+            _check_stopped(d)
+
+
+@pytest.fixture(scope="session")
+def pooled_daemon():
+    """A daemon whose warm pool is on for the python runner, sized for the security battery's default limits:
+    its runs claim sandboxes built ahead of time (tests/integration/test_pool.py, the battery's "pooled" mode)."""
+    if os.geteuid() != 0:
+        pytest.skip("sandboxd tests need root")
+    with tempfile.TemporaryDirectory(prefix="sandboxd-test-") as tmp:
+        d = Daemon(pathlib.Path(tmp), "[pool]\nmax_total = 4\nrunners = { python = 2 }\n")
+        d.pool_cap = 4
         try:
             yield d
         finally:

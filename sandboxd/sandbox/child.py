@@ -12,13 +12,17 @@ default route through lo and the nftables rules that redirect every other TCP co
 anything else leaving loopback) and `egress` (the proxy's listeners are made inside the run's namespace and sent
 to the launcher through `egress_fd`); see sandbox/egress.py. Both run before the payload exists.
 
+A pooled sandbox (spec.pooled, the warm pool) is the same tree stopped after `rootfs`: init reports "pooled" and
+waits on `extra_fd` for the one run it will serve (`_await_claim`: that run's spec and pipes), writes the run's
+files into /work, and goes on exactly as above from the payload on.
+
 When init exits, the kernel kills every other process of the pid namespace; the launcher then kills and removes
 the cgroup, which catches anything that could have escaped the namespace. Each step runs through `_step`, so a
 failure names the step and the run fails closed with outcome setup_failed: the payload is never exec'd with
 less isolation than the spec asks for.
 
 Init talks to the launcher through `status_fd` with one JSON object per line (each well under PIPE_BUF, so
-lines never interleave): {"ev": "exec", "landlock": abi}, {"ev": "setup_failed", "step": ..., "error": ...},
+lines never interleave): {"ev": "pooled"} (a pooled sandbox is ready), {"ev": "exec", "landlock": abi}, {"ev": "setup_failed", "step": ..., "error": ...},
 {"ev": "exit", "code": n} or {"ev": "exit", "signal": n}. The payload tells init what it applied (the Landlock
 ABI) and why it failed over its own close-on-exec pipe, one JSON object per line; EOF without a failure means
 execve succeeded.
@@ -31,7 +35,7 @@ import signal
 import socket
 
 from . import _fds, _libc, creds, egress, files, init as session_init, landlock, namespaces, rlimits, rootfs, seccomp
-from .spec import RunSpec
+from .spec import RunSpec, sandbox_key
 
 SETUP_FAILED = 121
 # Used after pivot_root (one-shot collection, sessions), when the daemon's Python tree is out of sight: loaded now.
@@ -118,6 +122,12 @@ def _init(spec: RunSpec, stdio: tuple[int, int, int], status_fd: int, staging: s
             ctl.setblocking(True)
             code = session_init.serve(spec, ctl, lambda **m: _report(status_fd, **m), cap_last, zygote_pair)
             os._exit(code)
+        if spec.pooled:
+            for fd in stdio:
+                os.close(fd)
+            claim = []
+            _step(status_fd, "claim", _await_claim, spec, status_fd, extra_fd, claim)
+            spec, stdio, extra_fd = claim
         err_r, err_w = os.pipe2(os.O_CLOEXEC)
         main = os.fork()
         if main == 0:
@@ -138,6 +148,30 @@ def _init(spec: RunSpec, stdio: tuple[int, int, int], status_fd: int, staging: s
     except BaseException:  # noqa: BLE001
         pass
     os._exit(code)
+
+
+def _await_claim(template: RunSpec, status_fd: int, ctl_fd: int, claim: list) -> None:
+    """A pooled sandbox's init, built up to its root filesystem, waits for the one run it will serve: its spec
+    (a sealed memfd) and its stdin, stdout, stderr (and collect pipe), from the launcher over `ctl_fd`. Then it
+    is a cold run's init from the payload on. The end of `ctl_fd` without a claim (drained) ends the sandbox."""
+    _report(status_fd, ev="pooled")
+    ctl = socket.socket(fileno=ctl_fd)
+    ctl.setblocking(True)
+    msg, fds = session_init._recv(ctl)
+    ctl.close()
+    if not msg:
+        os._exit(0)
+    if len(fds) not in (4, 5):
+        raise ValueError(f"claim: expected 4 or 5 fds, got {len(fds)}")
+    os.lseek(fds[0], 0, os.SEEK_SET)
+    spec = RunSpec.from_json(_read_all(fds[0]))
+    os.close(fds[0])
+    # The launcher checked this already; a sandbox built for one uid and shape never serves another.
+    if (spec.pooled or spec.session or (spec.uid, spec.gid) != (template.uid, template.gid)
+            or sandbox_key(spec) != sandbox_key(template)):
+        raise ValueError("claim: the run does not fit this pooled sandbox")
+    rootfs.write_files(spec, spec.workdir)
+    claim[:] = [spec, tuple(fds[1:4]), fds[4] if len(fds) == 5 else -1]
 
 
 def _collect(spec: RunSpec, out_fd: int, cap_last: int) -> None:

@@ -14,15 +14,22 @@ Protocol (SOCK_SEQPACKET, one JSON object per message):
   daemon -> launcher  {"op": "start", "run_id"} + SCM_RIGHTS [spec memfd, stdin, stdout, stderr (, collect pipe)]
                       {"op": "session", "run_id"} + SCM_RIGHTS [spec memfd]
                       {"op": "call", "run_id", "call": {...}} + fds   (forwarded to the session's init, init.py)
+                      {"op": "prepare", "run_id"} + SCM_RIGHTS [spec memfd]    (a pooled sandbox, spec.pooled)
+                      {"op": "claim", "pool_id", "run_id"} + SCM_RIGHTS [spec memfd, stdin, stdout, stderr
+                                                                         (, collect pipe)]
                       {"op": "kill", "run_id", "reason"}   {"op": "ping"}   {"op": "shutdown"}
   launcher -> daemon  {"ev": "ready", "driver"}  {"ev": "pong", "runs"}
                       {"ev": "egress", "run_id"} + SCM_RIGHTS [listener(s)]  (runs with egress, before "started")
-                      {"ev": "started", "run_id", "at"}    (the payload's execve succeeded; a session is up)
+                      {"ev": "started", "run_id", "at"}    (the payload's execve succeeded; a session is up;
+                                                            a pooled sandbox is ready to be claimed)
                       {"ev": "call", "run_id", "msg": {...}} + fds   (what a session's init reported)
                       {"ev": "finished", "run_id", ...}   (see launcher.Finished)
 
 A session is a run whose init stays up as a command server (init.py) until the daemon ends it, its lifetime
 passes or the launcher goes: the launcher keeps a control socket to it and relays calls both ways, unchanged.
+A pooled sandbox (the warm pool, sandboxd/pool.py) is a one-shot run whose init stops after the root filesystem
+and waits on the same kind of socket for the one run it will serve ("claim"); a pooled sandbox nobody claims
+lives until it is killed (drained) like any run.
 """
 from __future__ import annotations
 
@@ -42,7 +49,7 @@ import time
 
 from . import cgroups, child, creds
 from . import _fds
-from .spec import RunSpec
+from .spec import RunSpec, sandbox_key
 
 log = logging.getLogger("sandboxd.launcher")
 MAX_FDS = 8
@@ -139,8 +146,10 @@ class ForkServer:
         msg = json.loads(data)
         op = msg.get("op")
         try:
-            if op in ("start", "session"):
+            if op in ("start", "session", "prepare"):
                 self.handle_start(msg, fds)
+            elif op == "claim":
+                self.handle_claim(msg, fds)
             elif op == "call":
                 self.handle_call(msg, fds)
             elif op == "kill":
@@ -181,11 +190,13 @@ class ForkServer:
             self.send(ev="finished", run_id=run_id, setup_error="launcher: shutting down", clean=True)
             return
         try:
-            session = msg.get("op") == "session"
-            if len(fds) != (1 if session else 4) and not (not session and len(fds) == 5):
-                raise ValueError(f"expected {1 if session else 4} fds, got {len(fds)}")
+            session, pooled = msg.get("op") == "session", msg.get("op") == "prepare"
+            waits = session or pooled   # init gets a control socket instead of a program
+            if len(fds) != (1 if waits else 4) and not (not waits and len(fds) == 5):
+                raise ValueError(f"expected {1 if waits else 4} fds, got {len(fds)}")
             spec = RunSpec.from_json(_read_fd(fds[0]))
-            if spec.run_id != run_id or spec.uid <= 0 or spec.gid <= 0 or spec.session != session:
+            if (spec.run_id != run_id or spec.uid <= 0 or spec.gid <= 0 or spec.session != session
+                    or spec.pooled != pooled or (pooled and spec.network != "none")):
                 raise ValueError("bad spec: run id or mode mismatch, or privileged uid/gid")
             cg = self.driver.create(run_id, cgroups.CgroupLimits(spec.limits.memory, spec.limits.pids,
                                                                  spec.limits.cpus))
@@ -195,7 +206,7 @@ class ForkServer:
         status_r, status_w = os.pipe2(os.O_CLOEXEC)
         ctl = theirs = None
         extra = -1
-        if session:
+        if waits:
             ctl, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             extra = theirs.fileno()
             null = [os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC) for _ in range(3)]
@@ -235,6 +246,10 @@ class ForkServer:
             run.ctl = ctl
             run.deadline = time.monotonic() + spec.lifetime + SETUP_GRACE
             self.sel.register(ctl, selectors.EVENT_READ, lambda _f, r=run: self.on_call_event(r))
+        elif pooled:  # no wall clock until a run claims it; init only ever reads its control socket
+            theirs.close()
+            run.ctl = ctl
+            run.deadline = float("inf")
         if egress_w is not None:
             egress_w.close()
             run.egress_r = egress_r
@@ -249,7 +264,7 @@ class ForkServer:
         """Relay a command to a session's init, with its fds (closed here afterwards by on_control)."""
         run = self.runs.get(msg.get("run_id", ""))
         call = msg.get("call") or {}
-        if run is None or run.ctl is None or run.kill_reason is not None:
+        if run is None or run.ctl is None or run.kill_reason is not None or not run.spec.session:
             self.send(ev="call", run_id=msg.get("run_id"), msg={"ev": "call_failed", "id": call.get("id", ""),
                                                                 "step": "launcher", "error": "the session is gone"})
             return
@@ -259,6 +274,48 @@ class ForkServer:
         except OSError as e:
             self.send(ev="call", run_id=run.spec.run_id, msg={"ev": "call_failed", "id": call.get("id", ""),
                                                               "step": "launcher", "error": f"init: {e}"})
+
+    def handle_claim(self, msg: dict, fds: list[int]) -> None:
+        """Give a pooled sandbox its one run: the run takes the pooled Run's place under its own id (the cgroup
+        keeps its name, which nothing inside the sandbox can see: it has its own cgroup namespace), its wall clock
+        starts as a cold run's would, and init gets the spec and the run's pipes (closed here afterwards by
+        on_control). From then on it is an ordinary one-shot run."""
+        pool_id, run_id = str(msg.get("pool_id", "")), str(msg.get("run_id", ""))
+        run = self.runs.get(pool_id)
+        relimited = False
+        try:
+            if run is None or not run.spec.pooled or run.ctl is None or run.kill_reason is not None:
+                raise ValueError(f"pooled sandbox {pool_id!r} is gone")
+            if run_id in self.runs or run_id in self.removing or len(fds) not in (4, 5):
+                raise ValueError(f"bad claim: run id in use or {len(fds)} fds")
+            spec = RunSpec.from_json(_read_fd(fds[0]))
+            if (spec.run_id != run_id or spec.pooled or spec.session
+                    or (spec.uid, spec.gid) != (run.spec.uid, run.spec.gid) or sandbox_key(spec) != sandbox_key(run.spec)):
+                raise ValueError("the run does not fit the pooled sandbox (uid or root filesystem differ)")
+            limits = cgroups.CgroupLimits(spec.limits.memory, spec.limits.pids, spec.limits.cpus)
+            if limits != cgroups.CgroupLimits(run.spec.limits.memory, run.spec.limits.pids, run.spec.limits.cpus):
+                relimited = True
+                self.driver.relimit(run.cgroup, limits)
+        except Exception as e:  # noqa: BLE001 - the run fails closed
+            # Nothing has ever run with the pooled sandbox's uid (its init is root), so the uid is free again.
+            self.send(ev="finished", run_id=run_id, setup_error=f"launcher: pool: {type(e).__name__}: {e}",
+                      clean=True)
+            if relimited:  # half set limits: that sandbox serves nobody
+                self.handle_kill(pool_id, "cancelled")
+            return
+        del self.runs[pool_id]
+        run.spec, run.forked_at = spec, time.time()
+        run.deadline = time.monotonic() + spec.limits.wall_time + SETUP_GRACE
+        heapq.heappush(self.timers, (run.deadline, run_id))
+        self.runs[run_id] = run
+        ctl, run.ctl = run.ctl, None
+        try:
+            ctl.sendmsg([b'{"op": "claim"}'], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())])
+        except OSError as e:
+            run.setup_error = f"pool: the sandbox is gone: {e}"
+            self.handle_kill(run_id, "cancelled")
+        finally:
+            ctl.close()
 
     def on_call_event(self, run: Run) -> None:
         try:
@@ -350,7 +407,9 @@ class ForkServer:
             except ValueError:
                 continue
             ev = msg.pop("ev", None)
-            if ev == "ready" and run.spec.session and run.exec_at is None:
+            if ev == "pooled" and run.spec.pooled:
+                self.send(ev="started", run_id=run.spec.run_id, at=time.time())
+            elif ev == "ready" and run.spec.session and run.exec_at is None:
                 run.exec_at = time.time()
                 # A backstop only: the daemon closes the session at its lifetime; this ends it if the daemon
                 # could not (SETUP_GRACE later, so the daemon's own close, with its reason, comes first).

@@ -18,6 +18,9 @@ usage read from the cgroup. For a run with egress it first sends "egress" with o
 listening sockets (explicit proxy, then transparent) the run's init made inside the run's network namespace,
 which the daemon's egress proxy serves (RunHandle.egress).
 
+A pooled sandbox (the warm pool) is started with prepare() ("started" once it waits) and given its one run with
+claim(), which from then on behaves exactly like run().
+
 If the launcher dies, every run dies with it (PR_SET_PDEATHSIG); pending runs finish as setup_failed or
 cancelled and the next start() spawns a new launcher, which removes any cgroup the old one left.
 """
@@ -262,6 +265,46 @@ class Launcher:
         fds = [spec_fd, stdin_fd, stdout_w, stderr_w] + ([collect_w] if collect_w >= 0 else [])
         try:
             await self.send({"op": "start", "run_id": spec.run_id}, fds)
+        except LauncherError:
+            del self.runs[spec.run_id]
+            raise
+        finally:
+            os.close(spec_fd)
+            os.close(stdin_fd)
+        return handle
+
+    async def prepare(self, spec: RunSpec) -> RunHandle:
+        """Build a pooled sandbox (spec.pooled): `started` resolves once it waits for its run, `finished` if it
+        ends unclaimed (drained, or its build failed)."""
+        if not self.alive:
+            raise LauncherError("the launcher is not running")
+        handle = RunHandle(self, spec.run_id)
+        self.runs[spec.run_id] = handle
+        spec_fd = _sealed_memfd("sandboxd-spec", spec.to_json())
+        try:
+            await self.send({"op": "prepare", "run_id": spec.run_id}, [spec_fd])
+        except LauncherError:
+            del self.runs[spec.run_id]
+            raise
+        finally:
+            os.close(spec_fd)
+        return handle
+
+    async def claim(self, pooled: RunHandle, spec: RunSpec, stdin: bytes, stdout_w: int, stderr_w: int,
+                    collect_w: int = -1) -> RunHandle:
+        """Hand a run to the pooled sandbox of `pooled` (same contract as run()). From here on the launcher
+        reports under the run's id; the pooled handle never resolves again."""
+        if not self.alive:
+            raise LauncherError("the launcher is not running")
+        if self.runs.get(pooled.run_id) is pooled:
+            del self.runs[pooled.run_id]
+        handle = RunHandle(self, spec.run_id)
+        self.runs[spec.run_id] = handle
+        spec_fd = _sealed_memfd("sandboxd-spec", spec.to_json())
+        stdin_fd = _sealed_memfd("sandboxd-stdin", stdin)
+        fds = [spec_fd, stdin_fd, stdout_w, stderr_w] + ([collect_w] if collect_w >= 0 else [])
+        try:
+            await self.send({"op": "claim", "pool_id": pooled.run_id, "run_id": spec.run_id}, fds)
         except LauncherError:
             del self.runs[spec.run_id]
             raise

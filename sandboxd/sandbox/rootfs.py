@@ -182,7 +182,14 @@ def _workdir(spec: RunSpec, root: str) -> None:
     work = os.path.join(root, spec.workdir.lstrip("/"))
     os.makedirs(work, 0o755)
     _tmpfs(work, lim.work_size, lim.work_inodes, 0o755, u, g)
-    # The tmpfs is brand new and the payload does not exist yet: nothing here can be a planted link.
+    write_files(spec, work)
+
+
+def write_files(spec: RunSpec, work: str) -> None:
+    """The run's inputs, as root, owned by the run's uid. Also a pooled sandbox's init, once claimed: there too
+    the tmpfs is brand new and no untrusted code has run yet, so nothing here can be a planted link (and
+    O_NOFOLLOW | O_EXCL refuse one anyway)."""
+    u, g = spec.uid, spec.gid
     for f in spec.files:
         parent = os.path.dirname(f.path)
         if parent:

@@ -111,6 +111,9 @@ class RunSpec:
     collect: tuple[str, ...] = ()
     collect_max: int = 0
     landlock_min_abi: int = 1        # below it (0: no Landlock) the run fails closed; 0 accepts any kernel
+    # The warm pool: a sandbox built ahead of time (everything up to the root filesystem) whose init waits for
+    # the one run it will serve; that run's spec must have the same sandbox_key and uid (launcher and init check).
+    pooled: bool = False
 
     def to_json(self) -> bytes:
         return json.dumps(_encode(dataclasses.asdict(self))).encode()
@@ -131,7 +134,7 @@ class RunSpec:
             egress=Egress(**{k: tuple(v) if isinstance(v, list) else v for k, v in d["egress"].items()})
             if d.get("egress") else None,
             **{k: d[k] for k in ("workdir", "hostname", "uid", "gid", "user", "network", "stop_on_output_limit",
-                                 "session", "lifetime", "collect_max", "landlock_min_abi") if k in d},
+                                 "session", "lifetime", "collect_max", "landlock_min_abi", "pooled") if k in d},
         )
 
     def summary(self) -> dict:
@@ -145,6 +148,16 @@ class RunSpec:
         d["env"] = {k: "sha256:" + _sha(v.encode()) for k, v in self.env}
         d["argv"] = [self.argv[0]] + ["sha256:" + _sha(a.encode()) for a in self.argv[1:]] if self.argv else []
         return d
+
+
+def sandbox_key(spec: RunSpec) -> tuple:
+    """What shapes a sandbox before its program exists: namespaces, root filesystem and mounts (with their sizes).
+    A pooled sandbox serves a run only if both keys are equal; the cgroup's limits are set again for the run at
+    its claim, and everything else (argv, env, files, rlimits, the seccomp program, Landlock) is applied to the
+    claiming run as in a cold one."""
+    lim = spec.limits
+    return (spec.image, spec.hostname, spec.user, spec.workdir, spec.network, spec.egress, spec.session,
+            spec.support_files, lim.tmp_size, lim.tmp_inodes, lim.work_size, lim.work_inodes)
 
 
 def _sha(data: bytes) -> str:

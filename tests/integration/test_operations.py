@@ -148,6 +148,11 @@ def nothing_left(d) -> list[str]:
     return [f"pid {p.pid}" for p in run_processes(d)] + cgroups + mounts_under(d.runtime_dir)
 
 
+def pooled_cgroups(d) -> list[str]:
+    return [os.path.join(top, n) for top in find_cgroup_dirs(d.parent_name) for n in os.listdir(top)
+            if n.startswith("run-pool-")]
+
+
 def remove_cgroups(d) -> None:
     """Last-resort cleanup after a failed check, so one bug does not turn into errors everywhere else: kill what
     is left in this daemon's own cgroups and remove them, deepest first. Touches nothing else."""
@@ -224,8 +229,12 @@ def test_sigterm_tells_the_caller_of_a_stopped_run_its_outcome(start_daemon):
     assert long.result.outcome == "cancelled" and "shutdown" in long.result.message, long.result
 
 
-def test_kill_9_daemon_then_the_launcher_cleans_up_and_a_restart_marks_runs_interrupted(start_daemon):
-    d = start_daemon()
+@pytest.mark.parametrize("pool", [False, True], ids=["cold", "pooled"])
+def test_kill_9_daemon_then_the_launcher_cleans_up_and_a_restart_marks_runs_interrupted(start_daemon, pool):
+    # pooled: the default pool is on, so the runs claimed pooled sandboxes and more wait built: none may remain.
+    d = start_daemon(pool=pool)
+    if pool:
+        assert wait_for(lambda: len(pooled_cgroups(d)) >= 2, 20), d.log()[-3000:]
     launcher = launcher_of(d)
     try:
         with streams() as ss:

@@ -182,10 +182,21 @@ class SessionClient:
         return Result(**{**result.__dict__, "stdout": b"".join(out["stdout"]), "stderr": b"".join(out["stderr"])})
 
 
-@pytest.fixture(params=["oneshot", "session"])
+@pytest.fixture
+def daemon(request, daemon):
+    """The daemon the case's `sandbox` runs on, so a case that also checks the daemon (its processes, its
+    directories) checks that one: in the pooled mode, the daemon whose pool is on."""
+    callspec = getattr(request.node, "callspec", None)
+    if callspec is not None and callspec.params.get("sandbox") == "pooled":
+        return request.getfixturevalue("pooled_daemon")
+    return daemon
+
+
+@pytest.fixture(params=["oneshot", "session", "pooled"])
 def sandbox(request, daemon):
-    """The battery runs twice: each script as a one-shot run, and as a command in a session."""
-    with (Client if request.param == "oneshot" else SessionClient)(daemon.target) as c:
+    """The battery runs three times: each script as a one-shot run, as a command in a session, and as a one-shot
+    run on a daemon whose warm pool is on (python runs claim a sandbox built ahead of time; see test_pool.py)."""
+    with (SessionClient if request.param == "session" else Client)(daemon.target) as c:
         yield c
     left = daemon.wait_no_leftovers()
     assert not left, f"runs left processes or cgroups behind: {left}"

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import MiB, attack, find_cgroup_dirs, launcher_pid, probe, record, script, still_serves
+from conftest import MiB, attack, find_cgroup_dirs, launcher_pid, probe, record, run_uids, script, still_serves
 
 pytestmark = pytest.mark.cgroup2
 
@@ -177,6 +177,20 @@ time.sleep(0.5)
     assert r.outcome == "memory_limit", (r.outcome, f"MiB in sockets, MiB allocated: {r.stdout!r}")
 
 
+def _holds_uid(directory: str, uids: range) -> bool:
+    try:
+        pids = open(os.path.join(directory, "cgroup.procs")).read().split()
+    except OSError:
+        return False
+    for pid in pids:
+        try:
+            if os.stat(f"/proc/{pid}").st_uid in uids:
+                return True
+        except OSError:
+            pass
+    return False
+
+
 def _swap_bound(run_dirs: list[str]) -> dict:
     """What stops swap from extending the run's memory limit, read from its cgroup on the host."""
     found = {}
@@ -198,8 +212,9 @@ def test_memory_limit_includes_swap(sandbox, daemon):
         if getattr(event, "stream", None) == "stdout" and not seen:
             deadline = time.monotonic() + 5
             while not seen and time.monotonic() < deadline:
+                # The run's own: with the warm pool on, idle pooled sandboxes have cgroups too (their init is root).
                 dirs = [os.path.join(p, c) for p in find_cgroup_dirs(daemon.parent_name) for c in os.listdir(p)
-                        if c.startswith("run-")]
+                        if c.startswith("run-") and _holds_uid(os.path.join(p, c), run_uids(daemon))]
                 seen = _swap_bound(dirs)
         elif hasattr(event, "outcome"):
             result = event

@@ -430,3 +430,15 @@ def test_audit_section_is_read_with_paths_relative_to_the_file():
 ])
 def test_audit_section_errors_name_the_key(text, expected):
     assert expected in _error(f"[audit]\n{text}\n")
+
+
+def test_pool_section():
+    assert Config().pool.size_of("python") == 2 and Config().pool.size_of("sh") == 0
+    cfg = parse("[pool]\nsize = 1\nmax_total = 3\nrefill_concurrency = 2\nrunners = { python = 4, sh = 0 }\n", "f")
+    assert (cfg.pool.size_of("python"), cfg.pool.size_of("sh"), cfg.pool.size_of("node")) == (4, 0, 1)
+    assert (cfg.pool.max_total, cfg.pool.refill_concurrency) == (3, 2)
+    assert parse("[pool]\nrunners = {}\n", "f").pool.size_of("python") == 0
+    for bad, key in (("runners = { python = -1 }", "pool.runners.python"), ("refill_concurrency = 0",
+                     "pool.refill_concurrency"), ("sizes = 2", "pool.sizes"), ("size = true", "pool.size")):
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            parse(f"[pool]\n{bad}\n", "f")

@@ -313,3 +313,17 @@ def test_request_may_raise_a_limit_above_the_default_up_to_the_ceiling():
     assert resolve_limits({"wall_time": 40.0}, _runner(), ceiling).wall_time == 40.0 > DEFAULTS.wall_time
     with pytest.raises(InvalidRequest, match="limits.wall_time: 40.5 is above the maximum 40.0"):
         resolve_limits({"wall_time": 40.5}, _runner(), ceiling)
+
+
+def test_a_default_run_fits_its_runners_pooled_template():
+    """The pool's template and a run planned with the runner's defaults build the same sandbox (sandbox_key);
+    the claim then sets the run's own cgroup limits, so those may differ; mount sizes and egress may not."""
+    import dataclasses as dc
+    from sandboxd.policy import plan_pooled
+    from sandboxd.sandbox.spec import Egress, sandbox_key
+    tmpl = plan_pooled(RUNNERS["py"], IMAGES, SECCOMP, "pool")
+    spec, _ = _plan(_req(limits={"memory": 64 << 20}))
+    assert tmpl.pooled and not spec.pooled and tmpl.files == () and tmpl.argv == ()
+    assert sandbox_key(spec) == sandbox_key(tmpl)
+    assert sandbox_key(dc.replace(spec, limits=dc.replace(spec.limits, tmp_size=1 << 20))) != sandbox_key(tmpl)
+    assert sandbox_key(dc.replace(spec, network="egress", egress=Egress("p"))) != sandbox_key(tmpl)

@@ -79,6 +79,10 @@ class CgroupDriver(abc.ABC):
         """Create the run's cgroup with every limit applied (a failure to limit is an error, not a warning)."""
 
     @abc.abstractmethod
+    def relimit(self, run: RunCgroup, limits: CgroupLimits) -> None:
+        """Set every limit again on a live run's cgroup: a pooled sandbox's, for the run that claims it."""
+
+    @abc.abstractmethod
     def recover(self) -> list[str]:
         """Kill and remove run cgroups a crashed launcher left behind; return their run ids."""
 

@@ -133,6 +133,10 @@ class V1Driver(CgroupDriver):
             raise
         return self.run_class(run_id, dirs)
 
+    def relimit(self, run: V1Run, limits: CgroupLimits) -> None:
+        _fs.check_run(run.run_id, limits)
+        self._limit(run.dirs, limits)
+
     @staticmethod
     def _limit(dirs: dict[str, str], limits: CgroupLimits) -> None:
         memory = dirs["memory"]
@@ -144,14 +148,19 @@ class V1Driver(CgroupDriver):
         tcp_path = os.path.join(memory, "memory.kmem.tcp.limit_in_bytes")
         tcp = min(max(limits.memory // 8, 1 << 20), 64 << 20, limits.memory // 2) if os.path.exists(tcp_path) else 0
         budget = limits.memory - tcp
-        _fs.write(os.path.join(memory, "memory.limit_in_bytes"), str(budget))
+        steps = [os.path.join(memory, "memory.limit_in_bytes")]
         memsw = os.path.join(memory, "memory.memsw.limit_in_bytes")
         if os.path.exists(memsw):
-            # After limit_in_bytes: the kernel keeps memsw >= the memory limit at every step.
-            _fs.write(memsw, str(budget))
+            steps.append(memsw)
+            # The kernel keeps memsw >= the memory limit at every step: lower the limit first, raise memsw first
+            # (a pooled sandbox's limits are set again for the run that claims it).
+            if budget > int(_fs.read(steps[0])):
+                steps.reverse()
         elif _fs.swap_on():
             raise CgroupError(f"{memory} has no memory.memsw.limit_in_bytes (swap accounting off) and swap is "
                               "on: swap would extend the memory limit")
+        for path in steps:
+            _fs.write(path, str(budget))
         if tcp:
             _fs.write(tcp_path, str(tcp))
         _fs.write(os.path.join(dirs["pids"], "pids.max"), str(limits.pids))

@@ -153,6 +153,10 @@ class V2Driver(CgroupDriver):
             raise
         return V2Run(run_id, path)
 
+    def relimit(self, run: V2Run, limits: CgroupLimits) -> None:
+        _fs.check_run(run.run_id, limits)
+        self._limit(run.path, limits)
+
     @staticmethod
     def _limit(path: str, limits: CgroupLimits) -> None:
         _fs.write(os.path.join(path, "memory.max"), str(limits.memory))

@@ -1,0 +1,213 @@
+"""The warm pool: a run served by a sandbox built ahead of time is indistinguishable from a cold one.
+
+Each script of the compatibility battery runs on the shared daemon (pool off: cold) and on `pooled_daemon`
+(pool on for python), and every byte of stdout and stderr, the outcome, exit code and signal must be the same;
+the pooled run's record must say it was served by the pool, so the comparison is never cold against cold.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import pathlib
+import re
+import signal
+import time
+import urllib.request
+
+import pytest
+
+from conftest import find_cgroup_dirs
+from sandboxd import store as store_mod
+
+_compat = importlib.util.spec_from_file_location(
+    "_sandboxd_security_compat", pathlib.Path(__file__).resolve().parent.parent / "security" / "test_compat.py")
+COMPAT = importlib.util.module_from_spec(_compat)
+_compat.loader.exec_module(COMPAT)
+
+MiB = 1 << 20
+# name -> (script, keyword arguments of Client.run). Nothing printed may differ between two cold runs either
+# (no pids of the host, no times, no uids: a run's uid is allocated per run).
+CASES = {
+    "argv_name_file": ("import sys\nprint(sys.argv, __name__, __file__, sys.orig_argv, sys.flags.isolated)",
+                       {"args": ["a", "b c", "--x=1", ""]}),
+    "traceback": ("def inner():\n    raise ValueError('boom')\n\ndef outer():\n    inner()\n\nouter()\n", {}),
+    "syntax_error": ("print('never'\n", {}),
+    "exit_code": ("import sys\nprint('before')\nsys.exit(7)", {}),
+    "exit_message": ("import sys\nsys.exit('fatal: because')", {}),
+    "uncaught_keyboardinterrupt": ("raise KeyboardInterrupt", {}),
+    "signal_self": ("import os, signal\nprint('x', flush=True)\nos.kill(os.getpid(), signal.SIGTERM)", {}),
+    "abort": ("import os\nos.abort()", {}),
+    "atexit": ("import atexit\natexit.register(print, 'bye')\nprint('hi')", {}),
+    "stdin": ("import sys\ndata = sys.stdin.buffer.read()\nprint(len(data), data[:20], data[-5:])",
+              {"stdin": b"line one\n" + bytes(range(256)) * 300 + b"end\n"}),
+    "no_stdin": ("import sys\nprint(repr(sys.stdin.read()))", {}),
+    "cwd_env": ("import os\nprint(os.getcwd())\nprint(sorted(os.environ.items()))",
+                {"env": {"APP_X": "1", "LANG": "C", "TZ": "UTC"}}),
+    "files": ("import os, pwd, stat\nfor p in sorted(os.listdir('.')) + ['d/e/f.txt']:\n"
+              "    st = os.lstat(p)\n"
+              "    print(p, oct(st.st_mode), pwd.getpwuid(st.st_uid).pw_name, st.st_size, st.st_nlink)\n"
+              "print(open('d/e/f.txt').read())",
+              {"files": {"d/e/f.txt": b"nested", "data.bin": bytes(1000)}}),
+    "identity": ("import os, pwd, grp, socket\nu = os.getuid()\n"
+                 "print(u == os.geteuid() == os.getgid() == os.getegid(), u >= 1000, os.getgroups())\n"
+                 "print(pwd.getpwuid(u).pw_name, pwd.getpwuid(u).pw_dir, grp.getgrgid(os.getgid()).gr_name)\n"
+                 "print(socket.gethostname(), os.getpid(), os.getppid(), os.getpgrp() == os.getpid(), os.umask(0))",
+                 {}),
+    "process_state": ("import resource\n"
+                      "print([(n, resource.getrlimit(getattr(resource, n))) for n in sorted(dir(resource)) "
+                      "if n.startswith('RLIMIT_')])\n"
+                      "keep = ('NoNewPrivs', 'Seccomp', 'Cap', 'Threads')\n"
+                      "print([l for l in open('/proc/self/status') if l.startswith(keep)])\n"
+                      "import os\nprint(sorted(os.listdir('/proc/self/fd')))",
+                      {}),
+    "mounts": ("import re\nfor line in open('/proc/self/mountinfo'):\n"
+               "    f = line.split()\n    print(f[4], f[5], f[f.index('-') + 1], re.sub(r'size=\\d+k|[ug]id=\\d+', '', "
+               "f[-1]))\nimport os\nprint(sorted(os.listdir('/')), sorted(os.listdir('/dev')))\n"
+               "print(open('/etc/hosts').read(), open('/etc/hostname').read())",
+               {}),
+    "filesystem_walls": ("import errno, os\n"
+                         "def e(f, *a):\n    try:\n        f(*a)\n        return 'ok'\n"
+                         "    except OSError as x:\n        return errno.errorcode[x.errno]\n"
+                         "print(e(open, '/etc/x', 'w'), e(open, '/usr/x', 'w'), e(os.mkdir, '/x'),"
+                         " e(open, '/tmp/x', 'w'), e(open, '/work/x', 'w'), e(open, '/dev/shm/x', 'w'))\n"
+                         "print(os.statvfs('/work').f_blocks * os.statvfs('/work').f_frsize, "
+                         "os.statvfs('/tmp').f_files)",
+                         {}),
+    "output_cap": ("import sys\nsys.stdout.write('x' * 3000000)\nsys.stderr.write('y' * 10)", {"output": 1000}),
+    "timeout": ("import time\nprint('start', flush=True)\ntime.sleep(30)", {"wall_time": 1}),
+    "memory_limit": ("x = bytearray(200 << 20)\nprint('unreachable')", {"memory": 64 * MiB}),
+    "pids_limit": ("import os, time\nkids = 0\ntry:\n    for _ in range(64):\n"
+                   "        if os.fork() == 0:\n            time.sleep(5)\n            os._exit(0)\n        kids += 1\n"
+                   "except OSError as e:\n    print('stopped', e.strerror)\nprint(kids < 64)", {"pids": 8}),
+    "seccomp_kill": ("import ctypes\nprint('x', flush=True)\nctypes.CDLL(None).syscall(169, 0, 0, 0, 0)", {}),
+}
+
+
+def metric(d, name: str) -> float:
+    port = re.search(r"metrics http://127\.0\.0\.1:(\d+)", d.log()).group(1)
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    m = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def pooled_of(d, run_id: str) -> bool | None:
+    s = store_mod.Store(str(d.state_dir / "sandboxd.db"))
+    try:
+        return s.get_run(run_id).get("pooled")
+    finally:
+        s.close()
+
+
+def wait_ready(d, n: int = 1, timeout: float = 30.0) -> None:
+    """Runs back to back can outpace the refill (one build at a time): wait for a ready sandbox first."""
+    deadline = time.monotonic() + timeout
+    while metric(d, 'sandboxd_pool_ready{runner="python"}') < n:
+        assert time.monotonic() < deadline, d.log()[-3000:]
+        time.sleep(0.02)
+
+
+def both_ways(daemon, pooled_daemon, code: str, runner: str = "python", **kw):
+    if daemon.pool:
+        pytest.skip("SANDBOXD_TEST_POOL=1: the shared daemon is pooled too, there is no cold reference")
+    with daemon.client() as c:
+        cold = c.run(code, runner, **kw)
+    wait_ready(pooled_daemon)
+    with pooled_daemon.client() as c:
+        warm = c.run(code, runner, **kw)
+    assert pooled_of(pooled_daemon, warm.run_id) is True, "the pooled daemon ran it cold"
+    assert pooled_of(daemon, cold.run_id) is False
+    for field in ("outcome", "exit_code", "signal", "stdout", "stderr", "stdout_truncated", "stderr_truncated"):
+        assert getattr(warm, field) == getattr(cold, field), (field, cold, warm)
+    for stream in ("stdout", "stderr"):  # past a cap, what was written before the kill landed is a race, cold or not
+        if not getattr(cold, f"{stream}_truncated"):
+            assert getattr(warm, f"{stream}_bytes") == getattr(cold, f"{stream}_bytes"), (stream, cold, warm)
+    assert re.sub(r"\d+ bytes", "", warm.message) == re.sub(r"\d+ bytes", "", cold.message)
+    return cold
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_a_pooled_run_is_indistinguishable_from_a_cold_one(daemon, pooled_daemon, name):
+    code, kw = CASES[name]
+    cold = both_ways(daemon, pooled_daemon, code, **kw)
+    assert cold.outcome != "setup_failed", cold
+
+
+@pytest.mark.parametrize("name", sorted(COMPAT.PYTHON))
+def test_compat_workloads_the_same_pooled_and_cold(daemon, pooled_daemon, name):
+    # Guarded: spawned children import the script again, and how many do is a race, cold or not.
+    code = COMPAT.textwrap.dedent(COMPAT.PYTHON[name]) + "\nif __name__ == '__main__':\n    print('ok')"
+    cold = both_ways(daemon, pooled_daemon, code, wall_time=60)
+    assert (cold.outcome, cold.exit_code, cold.stdout) == ("exited", 0, b"ok\n"), cold
+
+
+def test_claims_are_counted_and_the_pool_refills(pooled_daemon):
+    d = pooled_daemon
+    wait_ready(d, 2)
+    hits = metric(d, 'sandboxd_pool_claims_total{result="hit",runner="python"}')
+    with d.client() as c:
+        for _ in range(2):
+            assert c.run("print(1)").stdout == b"1\n"
+    assert metric(d, 'sandboxd_pool_claims_total{result="hit",runner="python"}') == hits + 2
+    wait_ready(d, 2)
+    assert metric(d, 'sandboxd_pool_refill_seconds_count{runner="python"}') >= 4
+    # Only ready sandboxes remain: each a cgroup holding no process of a run uid, within the pool's cap.
+    assert not d.wait_no_leftovers()
+
+
+def test_a_run_the_pool_cannot_take_runs_cold(pooled_daemon):
+    """Below the smallest memory a claim may set, and on a runner without a pool: the cold path, counted."""
+    d = pooled_daemon
+    misses = metric(d, 'sandboxd_pool_claims_total{result="miss",runner="python"}')
+    wait_ready(d)
+    with d.client() as c:
+        r = c.run("print('small')", memory=16 * MiB)
+        assert (r.outcome, r.stdout) == ("exited", b"small\n"), r
+        assert pooled_of(d, r.run_id) is False
+        s = c.run("echo sh", "sh")
+        assert (s.outcome, s.stdout) == ("exited", b"sh\n") and pooled_of(d, s.run_id) is False
+    assert metric(d, 'sandboxd_pool_claims_total{result="miss",runner="python"}') == misses + 1
+
+
+def test_a_pooled_sandbox_serves_one_run_only(pooled_daemon):
+    """What one run leaves in its sandbox (files, background processes) is gone for the next: every run gets a
+    sandbox of its own, pooled or not."""
+    d = pooled_daemon
+    with d.client() as c:
+        for _ in range(3):
+            wait_ready(d)
+            r = c.run("import os, subprocess\nprint(sorted(os.listdir('/work')), sorted(os.listdir('/tmp')))\n"
+                      "open('/tmp/left', 'w').write('x'); open('/work/left', 'w').write('x')\n"
+                      "subprocess.Popen(['sleep', '60'], start_new_session=True)")
+            assert (r.outcome, r.stdout) == ("exited", b"['main.py'] []\n"), r
+            assert pooled_of(d, r.run_id) is True
+    assert not d.wait_no_leftovers()
+
+
+def test_reload_drains_and_rebuilds_the_pool(start_daemon):
+    d = start_daemon("[pool]\nrunners = { python = 2 }\n", pool=True)
+    wait_ready(d, 2)
+
+    def pooled() -> list[str]:
+        return [n for top in find_cgroup_dirs(d.parent_name) for n in os.listdir(top) if n.startswith("run-pool-")]
+    before = set(pooled())
+    assert len(before) == 2
+    # A changed template (the runner's default limits, here through [limits.default]): drained and built again.
+    d.config_path.write_text(d.config_path.read_text().replace(
+        "[pool]\n", '[limits.default]\ntmp_size = "32MiB"\n[pool]\n'))
+    os.kill(d.proc.pid, signal.SIGHUP)
+    deadline = time.monotonic() + 20
+    while not (len(now := set(pooled())) == 2 and not now & before):
+        assert time.monotonic() < deadline, (before, now, d.log()[-3000:])
+        time.sleep(0.05)
+    wait_ready(d, 2)
+    with d.client() as c:
+        r = c.run("import os\nprint(os.statvfs('/tmp').f_blocks * os.statvfs('/tmp').f_frsize)")
+        assert r.stdout == b"%d\n" % (32 * MiB) and pooled_of(d, r.run_id) is True, r
+    # The pool switched off: drained, nothing left.
+    d.config_path.write_text(d.config_path.read_text().replace("runners = { python = 2 }", "runners = {}"))
+    os.kill(d.proc.pid, signal.SIGHUP)
+    deadline = time.monotonic() + 20
+    while pooled():
+        assert time.monotonic() < deadline, d.log()[-3000:]
+        time.sleep(0.05)
+    assert metric(d, 'sandboxd_pool_ready{runner="python"}') == 0
