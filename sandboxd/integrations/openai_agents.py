@@ -199,7 +199,7 @@ class SandboxdSandboxSession(BaseSandboxSession):
                              shell: bool | list[str] = True, user: str | User | None = None, tty: bool = False,
                              yield_time_s: float | None = None, max_output_tokens: int | None = None) -> PtyExecUpdate:
         """Starts the command as an Exec call that outlives this tool call. Its wall time is `timeout`, else the
-        state's pty_timeout, else the session's per-call limit: a process open longer than that is ended."""
+        state's pty_timeout, else the session's per-call wall_time: an open process is ended when it runs out."""
         session = await self._sandboxd()
         argv = self._prepare_exec_command(*command, shell=shell, user=user)
         try:
