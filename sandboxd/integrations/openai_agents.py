@@ -10,31 +10,42 @@ inside the sandbox's own root, so no symlink the code plants reaches the host), 
 hydrate_workspace are ExportWorkspace / ImportWorkspace tars. The serialized session state holds the sandboxd
 session id and runner, never a credential: resume() reattaches to that session while it lives, and otherwise
 creates a fresh one that the SDK hydrates from the state's snapshot. Calls carry the agent claims
-agent_name="openai-agents" and the SDK's version. PTY exec is not offered (supports_pty is False): sandboxd's
-Exec has a tty option, but the SDK's PTY interface keeps processes open across tool calls by numeric id, which
-this adapter does not implement yet.
+agent_name="openai-agents" and the SDK's version.
+
+PTY exec (supports_pty is True): the SDK's exec_command and write_stdin tools keep a process open across tool
+calls under a numeric id. Each such process is one Exec call held open (on a pseudo-terminal when the tool asks
+for tty, else on pipes with stdin closed); a task reads its events into a bounded buffer that the SDK's own
+collect_pty_output drains for each tool call, and deleting or stopping the session cancels every call still open.
 """
 from __future__ import annotations
 
+import asyncio
 import importlib.metadata
 import io
+import time
+from collections import deque
 from pathlib import Path
 from typing import Any, Callable, Literal
 
 from agents.sandbox import Manifest
 from agents.sandbox.errors import ExecTimeoutError, ExecTransportError, WorkspaceReadNotFoundError
 from agents.sandbox.session.base_sandbox_session import BaseSandboxSession
+from agents.sandbox.session.pty_output import collect_pty_output
+from agents.sandbox.session.pty_types import (PTY_PROCESSES_MAX, PtyExecUpdate, allocate_pty_process_id,
+                                              clamp_pty_yield_time_ms, process_id_to_prune_from_meta,
+                                              resolve_pty_write_yield_time_ms)
 from agents.sandbox.session.sandbox_client import BaseSandboxClient, BaseSandboxClientOptions
 from agents.sandbox.session.sandbox_session import SandboxSession
 from agents.sandbox.session.sandbox_session_state import SandboxSessionState
 from agents.sandbox.snapshot import SnapshotBase, SnapshotSpec, resolve_snapshot
 from agents.sandbox.types import ExecResult, User
 
-from ..aio import AsyncClient, AsyncSession
-from ..client import FileError, SandboxdError
+from ..aio import AsyncClient, AsyncProcess, AsyncSession
+from ..client import FileError, Output, Result, SandboxdError
 
 AGENTS_VERSION = importlib.metadata.version("openai-agents")
 WORKSPACE = "/work"     # every sandboxd session's workspace
+PTY_BUFFER = 1 << 20    # unread output kept per open process; older bytes are dropped (and the drop is said)
 
 
 class SandboxdSandboxClientOptions(BaseSandboxClientOptions):
@@ -43,6 +54,7 @@ class SandboxdSandboxClientOptions(BaseSandboxClientOptions):
     runner: str = "python"
     memory: int = 0
     idle_timeout: float = 0
+    pty_timeout: float = 0
 
 
 class SandboxdSandboxSessionState(SandboxSessionState):
@@ -51,6 +63,82 @@ class SandboxdSandboxSessionState(SandboxSessionState):
     runner: str = "python"
     memory: int = 0
     idle_timeout: float = 0
+    pty_timeout: float = 0
+
+
+def _exit_code(result: Result) -> int:
+    """The shell's numbers: a signal is 128+N (the sandbox's kills are SIGKILL), a timeout 124."""
+    if result.outcome == "exited":
+        return result.exit_code
+    return 124 if result.outcome == "timeout" else 128 + (result.signal or 9)
+
+
+class _PtyProcess:
+    """One Exec call kept open between tool calls. A task moves its output into a bounded buffer as it comes,
+    so a process that writes while nobody reads neither blocks the stream nor grows without bound."""
+
+    def __init__(self, process: AsyncProcess, tty: bool):
+        self.process, self.tty = process, tty
+        self.pending = bytearray()
+        self.dropped = 0
+        self.exit_code: int | None = None
+        self.last_used = time.monotonic()
+        self.chunks: deque[bytes] = deque()    # collect_pty_output's queue: filled from pending when it polls
+        self.lock = asyncio.Lock()
+        self.notify = asyncio.Event()
+        self.done = asyncio.Event()
+        self.pump = asyncio.create_task(self._pump())
+
+    def _append(self, data: bytes) -> None:
+        self.pending += data
+        if (over := len(self.pending) - PTY_BUFFER) > 0:
+            del self.pending[:over]
+            self.dropped += over
+        self.notify.set()
+
+    async def _pump(self) -> None:
+        try:
+            async for event in self.process:
+                if isinstance(event, Output):
+                    self._append(event.data)
+                elif isinstance(event, Result):
+                    if event.outcome not in ("exited", "signaled"):
+                        self._append(f"\n[sandboxd: {event.outcome}: {event.message}]\n".encode())
+                    self.exit_code = _exit_code(event)
+            if self.exit_code is None:
+                self._append(b"\n[sandboxd: the call ended without a result]\n")
+        except SandboxdError as e:    # the daemon refused or lost the call: say so, like sandboxctl (125)
+            self._append(f"\n[sandboxd: {e.code}: {e.message}]\n".encode())
+        finally:
+            if self.exit_code is None:
+                self.exit_code = 125
+            self.done.set()
+            self.notify.set()
+
+    async def poll(self, _deadline: float) -> None:
+        if self.dropped:
+            self.chunks.append(f"[... {self.dropped} bytes of output dropped ...]\n".encode())
+            self.dropped = 0
+        if self.pending:
+            self.chunks.append(bytes(self.pending))
+            self.pending.clear()
+
+    async def collect(self, yield_time_ms: int, max_output_tokens: int | None) -> tuple[bytes, int | None, bool]:
+        return await collect_pty_output(output_chunks=self.chunks, output_lock=self.lock, output_notify=self.notify,
+                                        is_done=self.done.is_set, yield_time_ms=yield_time_ms,
+                                        max_output_tokens=max_output_tokens, poll_output=self.poll)
+
+    async def write(self, data: bytes) -> None:
+        try:
+            await self.process.write(data)
+        except (SandboxdError, asyncio.InvalidStateError):
+            pass    # it has ended (or is ending): the next collect reports how
+
+    async def terminate(self) -> None:
+        """Cancelling the call makes the daemon kill the command's process group."""
+        self.process.cancel()
+        self.pump.cancel()
+        await asyncio.gather(self.pump, return_exceptions=True)
 
 
 class SandboxdSandboxSession(BaseSandboxSession):
@@ -63,6 +151,8 @@ class SandboxdSandboxSession(BaseSandboxSession):
         self._connect = connect
         self._client: AsyncClient | None = None
         self._session: AsyncSession | None = None
+        self._pty: dict[int, _PtyProcess] = {}
+        self._pty_lock = asyncio.Lock()
 
     async def _sandboxd(self) -> AsyncSession:
         if self._session is None:
@@ -102,6 +192,68 @@ class SandboxdSandboxSession(BaseSandboxSession):
         exit_code = result.exit_code if result.outcome == "exited" else 128 + (result.signal or 9)
         return ExecResult(stdout=result.stdout, stderr=result.stderr, exit_code=exit_code)
 
+    def supports_pty(self) -> bool:
+        return True
+
+    async def pty_exec_start(self, *command: str | Path, timeout: float | None = None,
+                             shell: bool | list[str] = True, user: str | User | None = None, tty: bool = False,
+                             yield_time_s: float | None = None, max_output_tokens: int | None = None) -> PtyExecUpdate:
+        """Starts the command as an Exec call that outlives this tool call. Its wall time is `timeout`, else the
+        state's pty_timeout, else the session's per-call wall_time: an open process is ended when it runs out."""
+        session = await self._sandboxd()
+        argv = self._prepare_exec_command(*command, shell=shell, user=user)
+        try:
+            process = await session.start(argv, cwd=WORKSPACE, timeout=timeout or self.state.pty_timeout, tty=tty,
+                                          close_stdin=not tty)
+        except SandboxdError as e:     # nothing ran: the SDK may retry a non-tty command as a one-shot exec
+            raise ExecTransportError(command=argv, context={"retry_safe": True, "message": str(e)}) from e
+        entry = _PtyProcess(process, tty)
+        async with self._pty_lock:
+            process_id = allocate_pty_process_id(set(self._pty))
+            pruned = self._prune_pty()
+            self._pty[process_id] = entry
+        if pruned is not None:
+            await pruned.terminate()
+        yield_ms = 10_000 if yield_time_s is None else int(yield_time_s * 1000)
+        return await self._pty_update(process_id, entry, clamp_pty_yield_time_ms(yield_ms), max_output_tokens)
+
+    async def pty_write_stdin(self, *, session_id: int, chars: str, yield_time_s: float | None = None,
+                              max_output_tokens: int | None = None) -> PtyExecUpdate:
+        async with self._pty_lock:
+            entry = self._resolve_pty_session_entry(pty_processes=self._pty, session_id=session_id)
+        if chars:
+            if not entry.tty:
+                raise RuntimeError("stdin is not available for this process")    # the SDK's words, it matches them
+            await entry.write(chars.encode())
+        yield_ms = 250 if yield_time_s is None else int(yield_time_s * 1000)
+        entry.last_used = time.monotonic()
+        return await self._pty_update(session_id, entry, resolve_pty_write_yield_time_ms(
+            yield_time_ms=yield_ms, input_empty=chars == ""), max_output_tokens)
+
+    async def _pty_update(self, process_id: int, entry: _PtyProcess, yield_ms: int,
+                          max_output_tokens: int | None) -> PtyExecUpdate:
+        output, tokens, closed = await entry.collect(yield_ms, max_output_tokens)
+        if not closed:
+            return PtyExecUpdate(process_id=process_id, output=output, exit_code=None, original_token_count=tokens)
+        async with self._pty_lock:
+            self._pty.pop(process_id, None)
+        await entry.terminate()
+        return PtyExecUpdate(process_id=None, output=output, exit_code=entry.exit_code, original_token_count=tokens)
+
+    def _prune_pty(self) -> _PtyProcess | None:
+        """The SDK's rule at its limit of open processes: the least recently used that has ended, else any
+        but the most recent few."""
+        if len(self._pty) < PTY_PROCESSES_MAX:
+            return None
+        victim = process_id_to_prune_from_meta([(pid, e.last_used, e.done.is_set()) for pid, e in self._pty.items()])
+        return None if victim is None else self._pty.pop(victim)
+
+    async def pty_terminate_all(self) -> None:
+        async with self._pty_lock:
+            entries, self._pty = list(self._pty.values()), {}
+        for entry in entries:
+            await entry.terminate()
+
     async def read(self, path: Path, *, user: str | User | None = None) -> io.IOBase:
         target = await self._validate_path_access(path)
         try:
@@ -131,6 +283,7 @@ class SandboxdSandboxSession(BaseSandboxSession):
         await (await self._sandboxd()).import_(data.read())
 
     async def _shutdown_backend(self) -> None:
+        await self.pty_terminate_all()      # client.delete() comes straight here, past the SDK's shutdown()
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -165,7 +318,7 @@ class SandboxdSandboxClient(BaseSandboxClient[SandboxdSandboxClientOptions | Non
         self._validate_manifest_for_create(manifest)
         state = SandboxdSandboxSessionState(manifest=manifest, snapshot=resolve_snapshot(snapshot, "sandboxd"),
                                             runner=options.runner, memory=options.memory,
-                                            idle_timeout=options.idle_timeout)
+                                            idle_timeout=options.idle_timeout, pty_timeout=options.pty_timeout)
         state.snapshot = resolve_snapshot(snapshot, str(state.session_id))
         return self._wrap(state)
 
