@@ -48,6 +48,9 @@ def procs_with_uids(lo: int, hi: int) -> list[psutil.Process]:
 class Daemon:
     """A sandboxd process started by the tests."""
 
+    pool = False        # subclasses that place and start a daemon themselves get no warm pool
+    pool_cap = 8
+
     command = (sys.executable, "-m", "sandboxd.cli.daemon")  # another install's `sandboxd` may replace it
     cwd = str(ROOT)
 

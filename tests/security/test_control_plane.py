@@ -189,12 +189,14 @@ seen = [line.split()[-1][1:] for line in open("/proc/net/unix").read().splitline
         if line.split()[-1].startswith("@sandboxd-")]
 held = []
 for name in seen:
-    m = re.fullmatch(r"(.*?)(\d+)", name)
+    # The names end in a number (decimal before the fix, random hex after it): squat the next ones either way.
+    m = re.fullmatch(r"(.*?)([0-9a-f]+)", name)
     if m:
+        digits = m.group(2)
         for k in range(1, 501):
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
-                s.bind("\0" + m.group(1) + str(int(m.group(2)) + k))
+                s.bind("\0" + m.group(1) + format(int(digits, 16) + k, "x").zfill(len(digits)))
                 held.append(s)
             except OSError:
                 s.close()
