@@ -469,8 +469,11 @@ class SessionManager:
     @staticmethod
     def _call_result(call_id, fin: dict, reason: list, oom_before: int, streams: dict, accepted: float,
                      timeout: float, session: Session, cls=CallResult, **extra) -> CallResult:
+        # A call's peak: its process's own peak RSS, bounded by its session cgroup's peak (RSS counts shared file
+        # pages the cgroup may not be charged for; the cgroup's figure is what the memory limit applies to).
+        rss, cgroup_peak = int(fin.get("maxrss", 0)), int(fin.get("peak_memory") or 0)
         common = dict(cpu_seconds=fin.get("cpu_ns", 0) / 1e9, wall_seconds=time.time() - accepted,
-                      peak_memory_bytes=int(fin.get("maxrss", 0)),
+                      peak_memory_bytes=min(rss, cgroup_peak) if cgroup_peak else rss,
                       stdout_bytes=streams["stdout"].written, stderr_bytes=streams["stderr"].written,
                       stdout_truncated=streams["stdout"].truncated, stderr_truncated=streams["stderr"].truncated,
                       stdout_sha256=streams["stdout"].sha.hexdigest(), stderr_sha256=streams["stderr"].sha.hexdigest(),

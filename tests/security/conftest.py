@@ -192,7 +192,7 @@ def daemon(request, daemon):
     return daemon
 
 
-@pytest.fixture(params=["oneshot", "session", "pooled"])
+@pytest.fixture(params=["oneshot", "session", pytest.param("pooled", marks=pytest.mark.pooled)])
 def sandbox(request, daemon):
     """The battery runs three times: each script as a one-shot run, as a command in a session, and as a one-shot
     run on a daemon whose warm pool is on (python runs claim a sandbox built ahead of time; see test_pool.py)."""
