@@ -27,13 +27,13 @@ import grpc.aio
 from . import _convert as _c
 from ._convert import DEFAULT_TARGET  # noqa: F401
 from ._types import (CodeError, CodeResult, CodeRun, ExecResult, FileError, FileInfo, FileResult, ImportResult,
-                     Output, Result, RichResult, RunnerInfo, SandboxdError, SessionInfo, Started)
+                     Output, Result, RichResult, RunnerInfo, SandboxdError, SessionInfo, Started, StopResult)
 from .v1 import sandbox_pb2 as pb
 from .v1 import sandbox_pb2_grpc as pb_grpc
 
 __all__ = ["AsyncClient", "AsyncSession", "AsyncProcess", "SandboxdError", "FileError", "Started", "Output",
            "Result", "RunnerInfo", "SessionInfo", "ExecResult", "RichResult", "CodeError", "CodeResult", "CodeRun",
-           "FileResult", "FileInfo", "ImportResult"]
+           "FileResult", "FileInfo", "ImportResult", "StopResult"]
 
 UNARY_TIMEOUT = 30.0
 
@@ -115,6 +115,17 @@ class AsyncClient:
     async def runners(self, timeout: float | None = 10) -> list[RunnerInfo]:
         return [_c.runner_info(r) for r in (await self._unary("ListRunners", pb.ListRunnersRequest(),
                                                               timeout)).runners]
+
+    async def stop_run(self, run_id: str, reason: str = "", timeout: float | None = 10) -> StopResult:
+        """Client.stop_run, for asyncio."""
+        msg = await self._unary("StopRun", pb.StopRunRequest(run_id=run_id, reason=reason), timeout)
+        return StopResult(msg.runs_stopped, msg.sessions_closed, msg.message)
+
+    async def stop_principal(self, principal: str = "", reason: str = "", timeout: float | None = 10) -> StopResult:
+        """Client.stop_principal, for asyncio."""
+        msg = await self._unary("StopPrincipal", pb.StopPrincipalRequest(principal=principal, reason=reason),
+                                timeout)
+        return StopResult(msg.runs_stopped, msg.sessions_closed, msg.message)
 
     # ---- sessions --------------------------------------------------------------------------------------------
 

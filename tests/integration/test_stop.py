@@ -181,3 +181,29 @@ def test_suspending_a_principal_on_reload_stops_its_runs_and_refuses_it(d):
     assert wait_for(lambda: events(d, "principal.unsuspended"), 10)
     with As(d, "alice").client() as alice:
         assert alice.run("print(1)").ok
+
+
+def test_the_async_client_stops_runs_too(daemon):
+    import asyncio
+    import threading
+
+    from sandboxd.aio import AsyncClient
+
+    results = {}
+    with daemon.client() as c:
+        t = threading.Thread(target=lambda: results.update(r=c.run("import time; print('up', flush=True); "
+                                                                   "time.sleep(60)", wall_time=30)))
+        t.start()
+
+        async def stop():
+            async with AsyncClient(daemon.target) as ac:
+                for _ in range(200):
+                    runs, _ = await ac.list_runs(limit=5)
+                    live = [r["run_id"] for r in runs if not r.get("finished_at")]
+                    if live:
+                        return await ac.stop_run(live[0], reason="async test")
+                    await asyncio.sleep(0.05)
+        res = asyncio.run(stop())
+        t.join(60)
+    assert res is not None and res.runs_stopped == 1, res
+    assert results["r"].outcome == "cancelled" and "async test" in results["r"].message, results["r"]

@@ -237,3 +237,15 @@ def test_cp_needs_exactly_one_session_side(capsys):
     assert ctl.main(["--target", "unix:///nonexistent.sock", "cp", "a", "b"]) == 125
     assert ctl.main(["--target", "unix:///nonexistent.sock", "cp", "s1:a", "s2:b"]) == 125
     assert capsys.readouterr().err.count("exactly one of SRC and DST") == 2
+
+
+def test_the_async_client_mirrors_every_public_call_of_the_sync_client():
+    import inspect
+
+    from sandboxd import aio, client
+
+    def public(cls):
+        return {n for n, _ in inspect.getmembers(cls, inspect.isfunction) if not n.startswith("_")}
+    for sync, asynchronous in ((client.Client, aio.AsyncClient), (client.Session, aio.AsyncSession),
+                               (client.Process, aio.AsyncProcess)):
+        assert public(sync) <= public(asynchronous), (sync.__name__, public(sync) - public(asynchronous))
