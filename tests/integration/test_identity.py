@@ -121,9 +121,14 @@ class Daemons:
         return d
 
     def close(self) -> None:
+        errors = []
         try:
-            for d in self.started:
-                _check_stopped(d)
+            for d in self.started:  # every daemon is stopped, even when an earlier one fails its checks
+                try:
+                    _check_stopped(d)
+                except Exception as e:  # noqa: BLE001
+                    errors.append(f"{d.target}: {e}")
+            assert not errors, "\n".join(errors)
         finally:
             for path in self.dirs:
                 shutil.rmtree(path, ignore_errors=True)
