@@ -70,11 +70,7 @@ def serve(spec: RunSpec, ctl: socket.socket, report, cap_last: int, zygote_pair=
         except InterruptedError:
             continue
         if wake_r in ready:
-            try:
-                while os.read(wake_r, 256):
-                    pass
-            except BlockingIOError:
-                pass
+            _drain(wake_r)
             state.reap()
         if state.zygote_sock is not None and state.zygote_sock in ready:
             state.from_zygote()
@@ -247,11 +243,7 @@ def _zygote(spec: RunSpec, sock: socket.socket, cap_last: int) -> None:
             except InterruptedError:
                 continue
             if wake_r in ready:
-                try:
-                    while os.read(wake_r, 256):
-                        pass
-                except BlockingIOError:
-                    pass
+                _drain(wake_r)
                 while True:
                     try:
                         pid, status, ru = os.wait4(-1, os.WNOHANG)
@@ -401,6 +393,15 @@ def _file_payload(spec: RunSpec, msg: dict, fds: list[int], err_w: int, cap_last
     except BaseException:  # noqa: BLE001
         code = 1
     os._exit(code)
+
+
+def _drain(fd: int) -> None:
+    """Empty a non-blocking wake-up pipe (signals only need to wake the loop)."""
+    try:
+        while os.read(fd, 256):
+            pass
+    except BlockingIOError:
+        pass
 
 
 def _write_proc(path: str, text: str) -> None:

@@ -237,81 +237,57 @@ class Launcher:
             except OSError as e:
                 raise LauncherError(f"the launcher is gone: {e}") from e
 
-    async def session(self, spec: RunSpec) -> SessionHandle:
-        """Start a session's sandbox; await `handle.started` before calling into it."""
-        if not self.alive:
-            raise LauncherError("the launcher is not running")
-        handle = SessionHandle(self, spec.run_id)
-        self.runs[spec.run_id] = handle
-        spec_fd = _sealed_memfd("sandboxd-spec", spec.to_json())
+    async def _hand_over(self, handle: RunHandle, op: str, memfds: list[int], fds: list[int] = (),
+                         **extra) -> RunHandle:
+        """Register `handle` and send `op` with the memfds (closed here: once sent, the launcher has its own
+        copies) and the caller's fds (the caller keeps and closes those)."""
+        self.runs[handle.run_id] = handle
         try:
-            await self.send({"op": "session", "run_id": spec.run_id}, [spec_fd])
+            await self.send({"op": op, "run_id": handle.run_id, **extra}, [*memfds, *fds])
         except LauncherError:
-            del self.runs[spec.run_id]
+            del self.runs[handle.run_id]
             raise
         finally:
-            os.close(spec_fd)
+            for fd in memfds:
+                os.close(fd)
         return handle
+
+    def _check_alive(self) -> None:
+        if not self.alive:
+            raise LauncherError("the launcher is not running")
+
+    async def session(self, spec: RunSpec) -> SessionHandle:
+        """Start a session's sandbox; await `handle.started` before calling into it."""
+        self._check_alive()
+        return await self._hand_over(SessionHandle(self, spec.run_id), "session",
+                                     [_sealed_memfd("sandboxd-spec", spec.to_json())])
 
     async def run(self, spec: RunSpec, stdin: bytes, stdout_w: int, stderr_w: int, collect_w: int = -1) -> RunHandle:
         """Hand a run to the launcher. The caller keeps ownership of stdout_w/stderr_w (and collect_w) and closes
         them once this returns (the launcher has its own copies by then)."""
-        if not self.alive:
-            raise LauncherError("the launcher is not running")
-        handle = RunHandle(self, spec.run_id)
-        self.runs[spec.run_id] = handle
-        spec_fd = _sealed_memfd("sandboxd-spec", spec.to_json())
-        stdin_fd = _sealed_memfd("sandboxd-stdin", stdin)
-        fds = [spec_fd, stdin_fd, stdout_w, stderr_w] + ([collect_w] if collect_w >= 0 else [])
-        try:
-            await self.send({"op": "start", "run_id": spec.run_id}, fds)
-        except LauncherError:
-            del self.runs[spec.run_id]
-            raise
-        finally:
-            os.close(spec_fd)
-            os.close(stdin_fd)
-        return handle
+        self._check_alive()
+        memfds = [_sealed_memfd("sandboxd-spec", spec.to_json()), _sealed_memfd("sandboxd-stdin", stdin)]
+        return await self._hand_over(RunHandle(self, spec.run_id), "start", memfds,
+                                     [stdout_w, stderr_w] + ([collect_w] if collect_w >= 0 else []))
 
     async def prepare(self, spec: RunSpec) -> RunHandle:
         """Build a pooled sandbox (spec.pooled): `started` resolves once it waits for its run, `finished` if it
         ends unclaimed (drained, or its build failed)."""
-        if not self.alive:
-            raise LauncherError("the launcher is not running")
-        handle = RunHandle(self, spec.run_id)
-        self.runs[spec.run_id] = handle
-        spec_fd = _sealed_memfd("sandboxd-spec", spec.to_json())
-        try:
-            await self.send({"op": "prepare", "run_id": spec.run_id}, [spec_fd])
-        except LauncherError:
-            del self.runs[spec.run_id]
-            raise
-        finally:
-            os.close(spec_fd)
-        return handle
+        self._check_alive()
+        return await self._hand_over(RunHandle(self, spec.run_id), "prepare",
+                                     [_sealed_memfd("sandboxd-spec", spec.to_json())])
 
     async def claim(self, pooled: RunHandle, spec: RunSpec, stdin: bytes, stdout_w: int, stderr_w: int,
                     collect_w: int = -1) -> RunHandle:
         """Hand a run to the pooled sandbox of `pooled` (same contract as run()). From here on the launcher
         reports under the run's id; the pooled handle never resolves again."""
-        if not self.alive:
-            raise LauncherError("the launcher is not running")
+        self._check_alive()
         if self.runs.get(pooled.run_id) is pooled:
             del self.runs[pooled.run_id]
-        handle = RunHandle(self, spec.run_id)
-        self.runs[spec.run_id] = handle
-        spec_fd = _sealed_memfd("sandboxd-spec", spec.to_json())
-        stdin_fd = _sealed_memfd("sandboxd-stdin", stdin)
-        fds = [spec_fd, stdin_fd, stdout_w, stderr_w] + ([collect_w] if collect_w >= 0 else [])
-        try:
-            await self.send({"op": "claim", "pool_id": pooled.run_id, "run_id": spec.run_id}, fds)
-        except LauncherError:
-            del self.runs[spec.run_id]
-            raise
-        finally:
-            os.close(spec_fd)
-            os.close(stdin_fd)
-        return handle
+        memfds = [_sealed_memfd("sandboxd-spec", spec.to_json()), _sealed_memfd("sandboxd-stdin", stdin)]
+        return await self._hand_over(RunHandle(self, spec.run_id), "claim", memfds,
+                                     [stdout_w, stderr_w] + ([collect_w] if collect_w >= 0 else []),
+                                     pool_id=pooled.run_id)
 
     def _on_readable(self) -> None:
         while self.sock is not None:
