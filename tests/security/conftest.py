@@ -280,12 +280,15 @@ def metrics_port(d) -> int:
 @contextlib.contextmanager
 def sleepers(uids):
     """Host processes the test owns, one per uid (None: root), killed by pid afterwards. A sleeper with a uid of
-    the daemon's run range is what a run could signal if the pid namespace were missing."""
+    the daemon's run range is what a run could signal if the pid namespace were missing.
+
+    setpriv changes the uid, not Popen(user=...): that makes Popen fork() this process, which has gRPC threads,
+    and gRPC's at-fork handlers then sometimes abort the child (SIGABRT) before it execs."""
     procs = []
     try:
         for uid in uids:
-            kw = {} if uid is None else {"user": uid, "group": uid, "extra_groups": []}
-            procs.append(subprocess.Popen(["sleep", "300"], stdin=subprocess.DEVNULL, **kw))
+            creds = [] if uid is None else ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups"]
+            procs.append(subprocess.Popen([*creds, "sleep", "300"], stdin=subprocess.DEVNULL))
         yield procs
     finally:
         for p in procs:

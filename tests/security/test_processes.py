@@ -188,8 +188,9 @@ def test_signals_only_reach_processes_of_the_run(sandbox, daemon):
             out['kill-all'] = sc('kill', -1, 9)          # the run's own child dies; the caller is spared
             out['child'] = os.waitpid(child, 0)[1]
         """)
-        alive = {p.pid: p.poll() is None for p in procs}
-    assert all(alive.values()), alive
+        dead = {name: (p.pid, p.returncode) for name, p in zip(["root", *map(str, run_uids(daemon))], procs)
+                if p.poll() is not None}
+    assert not dead, f"host sleepers died (uid: (pid, status)): {dead}; the run saw {s}"
     assert daemon.proc.poll() is None and psutil.pid_exists(targets["launcher"])
     for name in targets:
         assert s[name] == ["ESRCH", "ESRCH", "ESRCH", "ESRCH", "ENOENT"], (name, s[name])
