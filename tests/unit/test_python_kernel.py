@@ -76,10 +76,14 @@ class Cell:
 class Kernel:
     def __init__(self):
         self.sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        # The control socket goes on fd 3 through bash (dash takes one-digit fds only), not a preexec_fn: that
+        # would make Popen fork() this process, whose gRPC threads (from other tests) can abort the child.
+        fd = theirs.fileno()
         self.proc = subprocess.Popen(
-            [PYTHON, "-I", "-u", os.path.join(os.path.dirname(kernel_pkg.__file__), "python_kernel.py")],
+            ["/bin/bash", "-c", f'exec 3<&{fd} {fd}<&- "$@"', "bash",
+             PYTHON, "-I", "-u", os.path.join(os.path.dirname(kernel_pkg.__file__), "python_kernel.py")],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            pass_fds=(3, theirs.fileno()), preexec_fn=_fd3(theirs.fileno()), cwd="/tmp",
+            pass_fds=(fd,), cwd="/tmp",
             env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": "/tmp"})
         theirs.close()
         self.count = 0
@@ -121,13 +125,6 @@ class Kernel:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
-
-
-def _fd3(fd):
-    """The kernel's control socket goes on fd 3 (listed in pass_fds, so close_fds keeps it)."""
-    def move():
-        os.dup2(fd, 3)
-    return move
 
 
 @pytest.fixture
