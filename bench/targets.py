@@ -74,11 +74,13 @@ def p95_ms(samples: list[float]) -> float:
     return s[max(0, int(len(s) * 0.95) - 1)] * 1000
 
 
-# The warm pool of the benchmark's daemon: python only, deep enough for four clients back to back.
+# The warm pool of the benchmark's daemon: python only, deep enough for four clients back to back, and two
+# session sandboxes for CreateSession.
 POOL = """[pool]
 max_total = 8
 refill_concurrency = 2
 runners = { python = 4 }
+sessions = { python = 2 }
 """
 
 
@@ -97,10 +99,11 @@ class BenchDaemon:
         return _D(workdir, config_extra)
 
 
-def pool_ready(d, n: int = 1, timeout: float = 30.0) -> None:
-    """Wait until the pooled daemon has `n` sandboxes ready (so a warm sample measures a claim, not a miss)."""
+def pool_ready(d, n: int = 1, timeout: float = 30.0, kind: str = "ready") -> None:
+    """Wait until the pooled daemon has `n` sandboxes ready (so a warm sample measures a claim, not a miss);
+    kind "sessions_ready": session sandboxes."""
     deadline = time.monotonic() + timeout
-    while metric(d, 'sandboxd_pool_ready{runner="python"}') < n and time.monotonic() < deadline:
+    while metric(d, f'sandboxd_pool_{kind}{{runner="python"}}') < n and time.monotonic() < deadline:
         time.sleep(0.005)
 
 
@@ -364,11 +367,15 @@ def main() -> None:
                 def create():
                     created.append(c.session(runner="python"))
                 sess_create = []
+                hits = metric(d, 'sandboxd_pool_session_claims_total{result="hit",runner="python"}')
                 for _ in range(n):
+                    pool_ready(d, 1, kind="sessions_ready")
                     t = time.perf_counter()
                     create()
                     sess_create.append(time.perf_counter() - t)
                     created.pop().close()
+                raw["session_create_hits"] = metric(
+                    d, 'sandboxd_pool_session_claims_total{result="hit",runner="python"}') - hits
                 with c.session(runner="python") as s:
                     s_exec = timed(lambda: s.exec(["true"]), n)
                     s_code = timed(lambda: s.run_code("1+1"), n)
@@ -376,7 +383,7 @@ def main() -> None:
                            run_code_ms=med_ms(s_code))
                 for name, key, goal in (("sessions: Exec true", "exec_true_ms", 3.0),
                                         ("sessions: RunCode 1+1", "run_code_ms", 2.0),
-                                        ("sessions: CreateSession", "session_create_ms", 5.0)):
+                                        ("sessions: CreateSession from the pool", "session_create_ms", 5.0)):
                     line(res, "4", name, f"{raw[key]:.2f} ms", f"goal {goal:g} ms", raw[key] / goal,
                          f"<= {goal:g} ms", raw[key] <= goal)
                 # Output.

@@ -216,9 +216,14 @@ class PoolConfig:
     runners: tuple[tuple[str, int], ...] = (("python", 2),)   # per-runner sizes
     max_total: int = 8                   # ready or being built, all runners together
     refill_concurrency: int = 1          # sandboxes built at once
+    # Session sandboxes built ahead of time, per runner (only the runners named): CreateSession claims one.
+    sessions: tuple[tuple[str, int], ...] = (("python", 1),)
 
     def size_of(self, runner: str) -> int:
         return dict(self.runners).get(runner, self.size)
+
+    def sessions_of(self, runner: str) -> int:
+        return dict(self.sessions).get(runner, 0)
 
 
 @dataclass(frozen=True)
@@ -443,13 +448,16 @@ def _sessions(path: str, table: dict) -> SessionsConfig:
 def _pool(path: str, table: dict) -> PoolConfig:
     r = _Reader(path, table, "pool.")
     d = PoolConfig()
-    given = r.table_of("runners")
-    runners = []
-    for name, size in (given.items() if "runners" in table else d.runners):
-        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-            raise ConfigError(f"{path}: pool.runners.{name}: expected a non-negative integer, got {size!r}")
-        runners.append((name, size))
-    cfg = PoolConfig(size=r.get("size", "int", d.size), runners=tuple(runners),
+    sizes = {}
+    for key in ("runners", "sessions"):
+        given = r.table_of(key)
+        sizes[key] = []
+        for name, size in (given.items() if key in table else getattr(d, key)):
+            if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+                raise ConfigError(f"{path}: pool.{key}.{name}: expected a non-negative integer, got {size!r}")
+            sizes[key].append((name, size))
+    cfg = PoolConfig(size=r.get("size", "int", d.size), runners=tuple(sizes["runners"]),
+                     sessions=tuple(sizes["sessions"]),
                      max_total=r.get("max_total", "int", d.max_total),
                      refill_concurrency=r.get("refill_concurrency", "int", d.refill_concurrency))
     r.done()

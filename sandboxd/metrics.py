@@ -55,6 +55,11 @@ class Metrics:
                                 registry=r)
         self.pool_claims = Counter("sandboxd_pool_claims", "Runs that claimed a pooled sandbox (hit) or took the "
                                    "cold path (miss), for runners with a pool.", ["runner", "result"], registry=r)
+        self.pool_sessions_ready = Gauge("sandboxd_pool_sessions_ready", "Pooled session sandboxes ready to be "
+                                         "claimed by CreateSession.", ["runner"], registry=r)
+        self.pool_session_claims = Counter("sandboxd_pool_session_claims", "Sessions that claimed a pooled sandbox "
+                                           "(hit) or were built cold (miss), for runners with a session pool.",
+                                           ["runner", "result"], registry=r)
         self.pool_refill = Histogram("sandboxd_pool_refill_seconds", "Time to build one pooled sandbox.",
                                      ["runner"], buckets=BUCKETS_FAST, registry=r)
         self.build = Gauge("sandboxd_build_info", "Version of the running daemon.", ["version"], registry=r)

@@ -156,6 +156,17 @@ def plan_run(req: RunRequest, runners: dict[str, Runner], images: dict[str, Imag
     return spec, tuple(dropped)
 
 
+def plan_pooled_session(runner: Runner, images: dict[str, ImageSpec], seccomp: dict[str, SeccompProgram],
+                        pool_id: str, support: tuple[File, ...], landlock_min_abi: int = 1) -> RunSpec:
+    """The RunSpec a pooled session sandbox of `runner` is built from: plan_session's for a session without egress,
+    with the runner's default limits and no files. A session whose plan has the same sandbox_key claims it and
+    brings its own spec (limits, files, lifetime) at the claim."""
+    return RunSpec(run_id=pool_id, argv=(), env=tuple(sorted(dict(runner.env).items())),
+                   image=images[runner.image], seccomp=seccomp[runner.seccomp], limits=resolve_limits({}, runner),
+                   workdir="/work", session=True, support_files=support, landlock_min_abi=landlock_min_abi,
+                   pooled=True)
+
+
 def proxy_env(egress: Egress) -> dict[str, str]:
     """The variables that send HTTP clients to the run's proxy listener, both spellings (curl reads only the
     lower-case http_proxy; Python reads either). They override the caller's: no other proxy is reachable."""
@@ -204,7 +215,20 @@ def plan_pooled(runner: Runner, images: dict[str, ImageSpec], seccomp: dict[str,
                 landlock_min_abi: int = 1) -> RunSpec:
     """The RunSpec a pooled sandbox of `runner` is built from: what a run of that runner with no limits of its
     own and no egress gets (the runner's default limits), no program and no files yet. A run whose plan has the
-    same sandbox_key can claim it (uid/gid still 0: the pool allocates them)."""
-    return RunSpec(run_id=pool_id, argv=(), env=(), image=images[runner.image], seccomp=seccomp[runner.seccomp],
-                   limits=resolve_limits({}, runner), workdir="/work", landlock_min_abi=landlock_min_abi,
-                   pooled=True)
+    same sandbox_key can claim it (uid/gid still 0: the pool allocates them).
+
+    A runner with `prestart` also gets its interpreter started: the template then carries the argv and env a
+    request without args or env of its own is planned with (plan()), which is what such a run must match."""
+    workdir = "/work"
+    argv: tuple[str, ...] = ()
+    env: tuple[tuple[str, str], ...] = ()
+    limits = resolve_limits({}, runner)
+    if runner.prestart:
+        argv = tuple(f"{workdir}/{runner.script}" if part == "{script}" else part for part in runner.command)
+        env = tuple(sorted(dict(runner.env).items()))
+        # The interpreter's rlimits can only be lowered at the claim (rlimits.changes): it starts with the
+        # highest a request may ask for; the cgroup's limits are set again at the claim anyway.
+        limits = dataclasses.replace(limits, cpu_time=runner.max_limits.cpu_time, pids=runner.max_limits.pids)
+    return RunSpec(run_id=pool_id, argv=argv, env=env, image=images[runner.image], seccomp=seccomp[runner.seccomp],
+                   limits=limits, workdir=workdir, landlock_min_abi=landlock_min_abi,
+                   pooled=True, prestart=runner.script if runner.prestart else "")

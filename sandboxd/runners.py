@@ -41,6 +41,10 @@ class Runner:
     kernel: str = ""
     session_env_forbid: tuple[str, ...] = ()
     session_env_force: tuple[tuple[str, str], ...] = ()
+    # The warm pool may start the interpreter ahead of the run and hand it the script through a FIFO at the
+    # script's path (child._prestart): true only for interpreters that open their script by path once started
+    # and read it once, as CPython does.
+    prestart: bool = False
     available: bool = True
     unavailable_reason: str = ""
     source: str = ""
@@ -150,6 +154,7 @@ def load_runner(path: pathlib.Path, cfg: Config, images: dict[str, ImageSpec], p
     description = r.get("description", "str", "")
     env_allowlist = r.get("env_allowlist", "strs", ())
     kernel = r.get("kernel", "str", "")
+    prestart = r.get("prestart", "bool", False)
     forbid = r.get("session_env_forbid", "strs", ())
     force_table = r.table_of("session_env_force")
     env_table = r.table_of("env")
@@ -191,7 +196,7 @@ def load_runner(path: pathlib.Path, cfg: Config, images: dict[str, ImageSpec], p
                   extensions=tuple(e.lstrip(".") for e in extensions), seccomp=seccomp, env=tuple(env),
                   env_allowlist=env_allowlist, default_limits=default_limits, max_limits=max_limits,
                   description=description, kernel=kernel, session_env_forbid=forbid, session_env_force=tuple(force),
-                  available=available, unavailable_reason=reason, source=p)
+                  prestart=prestart, available=available, unavailable_reason=reason, source=p)
 
 
 def load_runners(cfg: Config, images: dict[str, ImageSpec], profiles: set[str]) -> dict[str, Runner]:

@@ -665,7 +665,8 @@ class SandboxService(SessionService, pb_grpc.SandboxServicer):
         exec_at = await run.started
         if exec_at:
             await self.d.record("run_started", run.spec.run_id, {"started_at": exec_at, "uid": run.spec.uid,
-                                                                 "pooled": run.pooled})
+                                                                 "pooled": run.pooled,
+                                                                 "prestarted": bool(run.spec.prestart)})
         result = await run.result
         await self.d.finish(run.spec.run_id, result, runner)
         return result

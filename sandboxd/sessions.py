@@ -102,6 +102,7 @@ class Session:
     max_lifetime: float = 3600.0
     env: dict = field(default_factory=dict)
     agent: dict = field(default_factory=dict)
+    pooled: bool = False            # its sandbox came from the warm pool
     state: str = "starting"
     end_reason: str = ""
     end_message: str = ""
@@ -186,11 +187,16 @@ class SessionManager:
     async def create(self, session: Session, files: tuple[File, ...] = (), tar: bytes = b"") -> Session:
         """Start the sandbox. Raises SetupFailed (recorded by the caller) if it cannot be built."""
         d = self.d
-        uid = d.uids.take()
+        pooled = d.pool.claim(session.runner.name, session.spec) if d.pool is not None else None
+        uid = pooled.spec.uid if pooled is not None else d.uids.take()
         session.spec = dataclasses.replace(session.spec, uid=uid, gid=uid, files=tuple(files))
+        session.pooled = pooled is not None
         self.sessions[session.id] = session
         try:
-            session.handle = await d.launcher.session(session.spec)
+            if pooled is not None:
+                session.handle = await d.launcher.claim_session(pooled.handle, session.spec)
+            else:
+                session.handle = await d.launcher.session(session.spec)
             if session.spec.egress is not None:  # served from the moment init hands its listener over
                 session.egress = d.egress.open(session.spec, session.principal.id)
                 asyncio.ensure_future(session.egress.serve(session.handle.egress)).add_done_callback(listener_served)
@@ -264,7 +270,8 @@ class SessionManager:
             egress = {"egress": await session.egress.close()}
         await d.record_event("session.closed", session.id, {
             "outcome": "closed" if reason in ("closed",) else reason, "end_reason": reason, "message": message,
-            "closed_at": session.closed_at, "lifetime_seconds": session.closed_at - session.created_at, **egress})
+            "closed_at": session.closed_at, "lifetime_seconds": session.closed_at - session.created_at,
+            "pooled": session.pooled, **egress})
         log.info("session %s closed: %s %s", session.id, reason, message, extra={"run_id": session.id})
 
     async def close_all(self, reason: str) -> None:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 from .errors import Overloaded, SetupFailed
-from .sandbox.launcher import Finished, Launcher, LauncherError
+from .sandbox.launcher import Finished, Launcher, LauncherError, fill_and_seal
 from .sandbox.spec import RunSpec
 
 log = logging.getLogger("sandboxd.supervisor")
@@ -192,10 +192,22 @@ class Supervisor:
         pooled = self.pool.claim(runner, spec) if self.pool is not None and runner else None
         uid = pooled.spec.uid if pooled is not None else self.uids.take()
         spec = dataclasses.replace(spec, uid=uid, gid=uid)
+        if pooled is not None and pooled.fits_prestart(spec):
+            # The interpreter is running already, with the pool's stdio: the run's stdin goes into its memfd.
+            spec = dataclasses.replace(spec, prestart=pooled.spec.prestart)
+            stdin_fd, out_r, err_r = pooled.take_stdio()
+            out_w = err_w = -1
+            try:
+                fill_and_seal(stdin_fd, stdin)
+            finally:
+                os.close(stdin_fd)
+        else:
+            if pooled is not None:
+                pooled.close_stdio()
+            out_r, out_w = os.pipe2(os.O_CLOEXEC)
+            err_r, err_w = os.pipe2(os.O_CLOEXEC)
         run = ActiveRun(spec, keep_output)
         run.pooled = pooled is not None
-        out_r, out_w = os.pipe2(os.O_CLOEXEC)
-        err_r, err_w = os.pipe2(os.O_CLOEXEC)
         col_r, col_w = os.pipe2(os.O_CLOEXEC) if spec.collect else (-1, -1)
         try:
             if pooled is not None:
@@ -210,10 +222,9 @@ class Supervisor:
             self.uids.give_back(uid, True)
             raise SetupFailed(f"sandbox launcher unavailable: {e}") from e
         finally:
-            os.close(out_w)
-            os.close(err_w)
-            if col_w >= 0:
-                os.close(col_w)
+            for fd in (out_w, err_w, col_w):
+                if fd >= 0:
+                    os.close(fd)
         self.active[spec.run_id] = run
         if spec.egress is not None:
             run.egress = self.egress.open(spec, principal)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import pathlib
 import signal
 import subprocess
@@ -45,6 +46,34 @@ def procs_with_uids(lo: int, hi: int) -> list[psutil.Process]:
     return out
 
 
+def _pool_cgroup(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/cgroup") as f:
+            m = re.search(r"^0::(.*/run-pool-[^/\n]+)$", f.read(), re.M)
+    except OSError:
+        return None
+    return m.group(1) if m else None
+
+
+def waiting_in_pool(p: psutil.Process) -> bool:
+    """A prestarted interpreter in a pooled sandbox (sandbox/child.py, _prestart), starting up or waiting for
+    its script, not a run's leftover: a process of a run uid in a run-pool-* cgroup whose parent is that
+    sandbox's live init (root, same cgroup; the init of a finished run is gone, and with it every process of its
+    pid namespace), with the runner's own command line."""
+    try:
+        group = _pool_cgroup(p.pid)
+        parent = p.parent()
+        return (group is not None and parent is not None and parent.uids().real == 0
+                and _pool_cgroup(parent.pid) == group and p.cmdline()[-1:] == ["/work/main.py"])
+    except (psutil.Error, OSError):
+        return False
+
+
+def run_procs(lo: int, hi: int) -> list[psutil.Process]:
+    """Processes of run uids in [lo, hi) that belong to runs (or their leftovers): not pooled interpreters."""
+    return [p for p in procs_with_uids(lo, hi) if not waiting_in_pool(p)]
+
+
 class Daemon:
     """A sandboxd process started by the tests."""
 
@@ -75,7 +104,7 @@ class Daemon:
                 current = "rest"
             sections[current] += line + "\n"
         # Pool off as a top-level inline table, first: tests append to the file's last table.
-        pool_off = "" if self.pool else "pool = { size = 0, runners = {} }\n"
+        pool_off = "" if self.pool else "pool = { size = 0, runners = {}, sessions = {} }\n"
         self._start(
             f'{pool_off}[server]\nlisten = ["{self.target}"]\nstate_dir = "{self.state_dir}"\n'
             f'runtime_dir = "{self.runtime_dir}"\nmetrics_listen = "127.0.0.1:0"\nshutdown_grace = "5s"\n'
@@ -150,13 +179,13 @@ class Daemon:
             found += [os.path.join(d, c) for c in os.listdir(d) if c.startswith("run-")]
         if self.pool:
             # Sandboxes waiting in the pool are not leftovers: at most the pool's cap of them, none holding a
-            # process of a run uid (init waits as root; checked below like every run's processes).
+            # process of a run uid but its prestarted interpreter (init waits as root; checked below).
             pooled = [f for f in found if os.path.basename(f).startswith("run-pool-")]
             found = [f for f in found if f not in pooled]
             if len({os.path.basename(f) for f in pooled}) > self.pool_cap:
                 found += pooled
-        found += [f"pid {p.pid} uid {p.uids().real}" for p in procs_with_uids(self.uid_start,
-                                                                             self.uid_start + self.uid_count)]
+        found += [f"pid {p.pid} uid {p.uids().real}" for p in run_procs(self.uid_start,
+                                                                        self.uid_start + self.uid_count)]
         return found
 
     def wait_no_leftovers(self, timeout: float = 10.0) -> list[str]:
@@ -197,7 +226,7 @@ def pooled_daemon():
     if os.geteuid() != 0:
         pytest.skip("sandboxd tests need root")
     with tempfile.TemporaryDirectory(prefix="sandboxd-test-") as tmp:
-        d = Daemon(pathlib.Path(tmp), "[pool]\nmax_total = 4\nrunners = { python = 2 }\n")
+        d = Daemon(pathlib.Path(tmp), "[pool]\nmax_total = 4\nrunners = { python = 2 }\nsessions = { python = 1 }\n")
         d.pool_cap = 4
         try:
             yield d

@@ -29,13 +29,16 @@ execve succeeded.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import resource
+import select
 import signal
 import socket
 
 from . import _fds, _libc, creds, egress, files, init as session_init, landlock, namespaces, rlimits, rootfs, seccomp
-from .spec import RunSpec, sandbox_key
+from .spec import PRESTART_MAX_SCRIPT, RunSpec, prestart_key, prestart_script, sandbox_key
 
 SETUP_FAILED = 121
 # Used after pivot_root (one-shot collection, sessions), when the daemon's Python tree is out of sight: loaded now.
@@ -123,11 +126,25 @@ def _init(spec: RunSpec, stdio: tuple[int, int, int], status_fd: int, staging: s
             code = session_init.serve(spec, ctl, lambda **m: _report(status_fd, **m), cap_last, zygote_pair)
             os._exit(code)
         if spec.pooled:
+            template, prestarted = spec, []
+            if spec.prestart:
+                _step(status_fd, "prestart", _prestart, spec, stdio, cap_last, prestarted)
             for fd in stdio:
                 os.close(fd)
             claim = []
-            _step(status_fd, "claim", _await_claim, spec, status_fd, extra_fd, claim)
+            _step(status_fd, "claim", _await_claim, spec, status_fd, extra_fd, claim, prestarted)
             spec, stdio, extra_fd = claim
+            if prestarted and spec.prestart:
+                main, fifo, applied = prestarted
+                _step(status_fd, "prestart", _feed, template, spec, main, fifo)
+                _report(status_fd, ev="exec", **applied)
+                code = _reap_until(main, status_fd, report=True)
+                if extra_fd >= 0:
+                    _collect(spec, extra_fd, cap_last)
+                os._exit(code)
+            if prestarted:  # a run the interpreter cannot serve (args, env...): a fresh payload instead
+                _step(status_fd, "prestart", _discard, template, *prestarted[:2])
+                _step(status_fd, "claim", rootfs.write_files, spec, spec.workdir)
         err_r, err_w = os.pipe2(os.O_CLOEXEC)
         main = os.fork()
         if main == 0:
@@ -150,19 +167,27 @@ def _init(spec: RunSpec, stdio: tuple[int, int, int], status_fd: int, staging: s
     os._exit(code)
 
 
-def _await_claim(template: RunSpec, status_fd: int, ctl_fd: int, claim: list) -> None:
+def _await_claim(template: RunSpec, status_fd: int, ctl_fd: int, claim: list, prestarted: list) -> None:
     """A pooled sandbox's init, built up to its root filesystem, waits for the one run it will serve: its spec
     (a sealed memfd) and its stdin, stdout, stderr (and collect pipe), from the launcher over `ctl_fd`. Then it
-    is a cold run's init from the payload on. The end of `ctl_fd` without a claim (drained) ends the sandbox."""
+    is a cold run's init from the payload on. A run that uses the prestarted interpreter brings no stdio (the
+    interpreter has the pool's) and its files are written by _feed. The end of `ctl_fd` without a claim
+    (drained), or the prestarted interpreter's death, ends the sandbox."""
     _report(status_fd, ev="pooled")
     ctl = socket.socket(fileno=ctl_fd)
     ctl.setblocking(True)
+    if prestarted:
+        pidfd = os.pidfd_open(prestarted[0])
+        readable, _, _ = select.select([ctl, pidfd], [], [])
+        if pidfd in readable and ctl not in readable:
+            os._exit(0)
+        os.close(pidfd)
     msg, fds = session_init._recv(ctl)
     ctl.close()
     if not msg:
         os._exit(0)
-    if len(fds) not in (4, 5):
-        raise ValueError(f"claim: expected 4 or 5 fds, got {len(fds)}")
+    if not fds:
+        raise ValueError("claim: no spec")
     os.lseek(fds[0], 0, os.SEEK_SET)
     spec = RunSpec.from_json(_read_all(fds[0]))
     os.close(fds[0])
@@ -170,8 +195,95 @@ def _await_claim(template: RunSpec, status_fd: int, ctl_fd: int, claim: list) ->
     if (spec.pooled or spec.session or (spec.uid, spec.gid) != (template.uid, template.gid)
             or sandbox_key(spec) != sandbox_key(template)):
         raise ValueError("claim: the run does not fit this pooled sandbox")
-    rootfs.write_files(spec, spec.workdir)
+    if spec.prestart:
+        if not prestarted or len(fds) not in (1, 2):
+            raise ValueError(f"claim: no prestarted interpreter, or {len(fds)} fds for one")
+        claim[:] = [spec, (), fds[1] if len(fds) == 2 else -1]
+        return
+    if len(fds) not in (4, 5):
+        raise ValueError(f"claim: expected 4 or 5 fds, got {len(fds)}")
     claim[:] = [spec, tuple(fds[1:4]), fds[4] if len(fds) == 5 else -1]
+    if not prestarted:
+        rootfs.write_files(spec, spec.workdir)
+
+
+def _prestart(template: RunSpec, stdio: tuple[int, int, int], cap_last: int, out: list) -> None:
+    """Start the interpreter of a pooled sandbox before its run exists: the payload's every step (rlimits,
+    credentials, closed fds, Landlock, seccomp) with the template's values, then execve of the runner's own
+    command line. The script's path is a FIFO, so the interpreter, once started, blocks reading it until _feed
+    writes the run's script there. Its stdio are the pool's pipes and stdin memfd, which the daemon holds.
+
+    Only the image's own interpreter runs until the claim, on no input of the request's; nothing untrusted has
+    run when _feed writes the run's files."""
+    path = os.path.join(template.workdir, template.prestart)
+    os.mkfifo(path, 0o600)
+    os.chown(path, template.uid, template.gid)
+    # O_RDWR: opening never blocks, and the interpreter's own open() finds a writer, so it waits in read().
+    fifo = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    fcntl.fcntl(fifo, fcntl.F_SETPIPE_SZ, PRESTART_MAX_SCRIPT)
+    err_r, err_w = os.pipe2(os.O_CLOEXEC)
+    main = os.fork()
+    if main == 0:
+        os.close(err_r)
+        os.close(fifo)
+        _payload(template, stdio, err_w, cap_last)
+    os.close(err_w)
+    failure, applied = _payload_report(_read_all(err_r))
+    os.close(err_r)
+    if failure:
+        raise RuntimeError(f"{failure['step']}: {failure['error']}")
+    out[:] = [main, fifo, applied]
+
+
+def _feed(template: RunSpec, spec: RunSpec, main: int, fifo: int) -> None:
+    """The claiming run's turn in a prestarted sandbox: the FIFO leaves the script's path, the run's files
+    (its script among them) are written as on the cold path, its rlimits replace the template's, and the
+    script goes through the FIFO; the interpreter reads it to EOF and runs it as `__main__` from that path, so
+    tracebacks and __file__ find the same file a cold run has."""
+    if prestart_key(spec) != prestart_key(template) or spec.prestart != template.prestart:
+        raise ValueError("the run does not fit the prestarted interpreter (argv, env, seccomp or stack differ)")
+    script = prestart_script(spec)
+    if script is None or len(script) > PRESTART_MAX_SCRIPT:
+        raise ValueError("the run's script is missing or too large for the prestarted interpreter")
+    lower = rlimits.changes(template.limits, spec.limits)
+    if lower is None:
+        raise ValueError("the run's rlimits are above the prestarted interpreter's")
+    if os.waitpid(main, os.WNOHANG) != (0, 0):
+        raise RuntimeError("the prestarted interpreter is gone")
+    os.unlink(os.path.join(spec.workdir, spec.prestart))
+    rootfs.write_files(spec, spec.workdir)
+    if lower:
+        _lower_rlimits(main, spec.uid, spec.gid, lower)
+    view = memoryview(script)
+    while view:
+        view = view[os.write(fifo, view):]
+    os.close(fifo)
+
+
+def _lower_rlimits(pid: int, uid: int, gid: int, lower: list[tuple[int, int, int]]) -> None:
+    """prlimit() on the interpreter, which runs as the run's uid. Without CAP_SYS_RESOURCE (often not in the
+    daemon's bounding set) the kernel allows it only to a caller whose real uid and gid are the target's, so
+    init takes those as its real ids for the calls (its effective ids, and so its capabilities, stay root's)
+    and back. Lowering needs no capability. Nothing but the image's interpreter, blocked on its FIFO, runs as
+    that uid meanwhile."""
+    os.setresgid(gid, 0, 0)
+    os.setresuid(uid, 0, 0)
+    try:
+        for which, soft, hard in lower:
+            resource.prlimit(pid, which, (soft, hard))
+    finally:
+        os.setresuid(0, 0, 0)
+        os.setresgid(0, 0, 0)
+
+
+def _discard(template: RunSpec, main: int, fifo: int) -> None:
+    """The prestarted interpreter cannot serve the claiming run: kill it before anything of the run exists and
+    free the script's path for the cold steps (the payload gets pid 3 instead of 2; nothing else differs)."""
+    os.kill(main, signal.SIGKILL)
+    os.waitpid(main, 0)
+    os.close(fifo)
+    path = os.path.join(template.workdir, template.prestart)
+    os.unlink(path)
 
 
 def _collect(spec: RunSpec, out_fd: int, cap_last: int) -> None:

@@ -49,7 +49,7 @@ import time
 
 from . import cgroups, child, creds
 from . import _fds
-from .spec import RunSpec, sandbox_key
+from .spec import RunSpec, prestart_key, sandbox_key
 
 log = logging.getLogger("sandboxd.launcher")
 MAX_FDS = 8
@@ -190,13 +190,20 @@ class ForkServer:
             self.send(ev="finished", run_id=run_id, setup_error="launcher: shutting down", clean=True)
             return
         try:
-            session, pooled = msg.get("op") == "session", msg.get("op") == "prepare"
-            waits = session or pooled   # init gets a control socket instead of a program
-            if len(fds) != (1 if waits else 4) and not (not waits and len(fds) == 5):
-                raise ValueError(f"expected {1 if waits else 4} fds, got {len(fds)}")
+            pooled = msg.get("op") == "prepare"
+            if not fds:
+                raise ValueError("no spec")
             spec = RunSpec.from_json(_read_fd(fds[0]))
+            # A pooled sandbox may be a session's (spec.session), built up to its zygote.
+            session = spec.session if pooled else msg.get("op") == "session"
+            waits = session or pooled   # init gets a control socket instead of a program
+            # A prestarted pooled sandbox comes with its interpreter's stdio (stdin memfd, stdout, stderr).
+            expected = (4,) if pooled and spec.prestart else (1,) if waits else (4, 5)
+            if len(fds) not in expected:
+                raise ValueError(f"expected {' or '.join(map(str, expected))} fds, got {len(fds)}")
             if (spec.run_id != run_id or spec.uid <= 0 or spec.gid <= 0 or spec.session != session
-                    or spec.pooled != pooled or (pooled and spec.network != "none")):
+                    or spec.pooled != pooled or (pooled and spec.network != "none")
+                    or (spec.prestart and (session or not pooled))):
                 raise ValueError("bad spec: run id or mode mismatch, or privileged uid/gid")
             cg = self.driver.create(run_id, cgroups.CgroupLimits(spec.limits.memory, spec.limits.pids,
                                                                  spec.limits.cpus))
@@ -209,9 +216,12 @@ class ForkServer:
         if waits:
             ctl, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             extra = theirs.fileno()
-            null = [os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC) for _ in range(3)]
-            fds.extend(null)
-            stdio = tuple(null)
+            if len(fds) == 4:
+                stdio = (fds[1], fds[2], fds[3])
+            else:
+                null = [os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC) for _ in range(3)]
+                fds.extend(null)
+                stdio = tuple(null)
         else:
             stdio = (fds[1], fds[2], fds[3])
             extra = fds[4] if len(fds) == 5 else -1
@@ -240,7 +250,7 @@ class ForkServer:
         os.close(status_w)
         pidfd = os.pidfd_open(pid)
         run = Run(spec, cg, pid, pidfd, status_r)
-        if session:
+        if session and not pooled:
             theirs.close()
             ctl.setblocking(False)
             run.ctl = ctl
@@ -264,7 +274,8 @@ class ForkServer:
         """Relay a command to a session's init, with its fds (closed here afterwards by on_control)."""
         run = self.runs.get(msg.get("run_id", ""))
         call = msg.get("call") or {}
-        if run is None or run.ctl is None or run.kill_reason is not None or not run.spec.session:
+        if (run is None or run.ctl is None or run.kill_reason is not None or not run.spec.session
+                or run.spec.pooled):
             self.send(ev="call", run_id=msg.get("run_id"), msg={"ev": "call_failed", "id": call.get("id", ""),
                                                                 "step": "launcher", "error": "the session is gone"})
             return
@@ -286,12 +297,17 @@ class ForkServer:
         try:
             if run is None or not run.spec.pooled or run.ctl is None or run.kill_reason is not None:
                 raise ValueError(f"pooled sandbox {pool_id!r} is gone")
-            if run_id in self.runs or run_id in self.removing or len(fds) not in (4, 5):
+            spec = RunSpec.from_json(_read_fd(fds[0])) if fds else None
+            # A run using the prestarted interpreter brings its spec (and collect pipe) only, a session its spec.
+            expected = (1,) if spec is not None and spec.session else (1, 2) if spec is not None and spec.prestart \
+                else (4, 5)
+            if spec is None or run_id in self.runs or run_id in self.removing or len(fds) not in expected:
                 raise ValueError(f"bad claim: run id in use or {len(fds)} fds")
-            spec = RunSpec.from_json(_read_fd(fds[0]))
-            if (spec.run_id != run_id or spec.pooled or spec.session
+            if (spec.run_id != run_id or spec.pooled or spec.session != run.spec.session
                     or (spec.uid, spec.gid) != (run.spec.uid, run.spec.gid) or sandbox_key(spec) != sandbox_key(run.spec)):
                 raise ValueError("the run does not fit the pooled sandbox (uid or root filesystem differ)")
+            if spec.prestart and (spec.prestart != run.spec.prestart or prestart_key(spec) != prestart_key(run.spec)):
+                raise ValueError("the run does not fit the prestarted interpreter (argv, env, seccomp or stack differ)")
             limits = cgroups.CgroupLimits(spec.limits.memory, spec.limits.pids, spec.limits.cpus)
             if limits != cgroups.CgroupLimits(run.spec.limits.memory, run.spec.limits.pids, run.spec.limits.cpus):
                 relimited = True
@@ -305,7 +321,7 @@ class ForkServer:
             return
         del self.runs[pool_id]
         run.spec, run.forked_at = spec, time.time()
-        run.deadline = time.monotonic() + spec.limits.wall_time + SETUP_GRACE
+        run.deadline = time.monotonic() + (spec.lifetime if spec.session else spec.limits.wall_time) + SETUP_GRACE
         heapq.heappush(self.timers, (run.deadline, run_id))
         self.runs[run_id] = run
         ctl, run.ctl = run.ctl, None
@@ -314,7 +330,13 @@ class ForkServer:
         except OSError as e:
             run.setup_error = f"pool: the sandbox is gone: {e}"
             self.handle_kill(run_id, "cancelled")
-        finally:
+            ctl.close()
+            return
+        if spec.session:  # the session's calls go over the same socket from now on
+            ctl.setblocking(False)
+            run.ctl = ctl
+            self.sel.register(ctl, selectors.EVENT_READ, lambda _f, r=run: self.on_call_event(r))
+        else:
             ctl.close()
 
     def on_call_event(self, run: Run) -> None:

@@ -42,8 +42,8 @@ import socket
 import struct
 import termios
 
-from . import _fds as _fdpass, _libc, creds, files, landlock, rlimits, seccomp
-from .spec import RunSpec
+from . import _fds as _fdpass, _libc, creds, files, landlock, rlimits, rootfs, seccomp
+from .spec import RunSpec, sandbox_key
 
 MAX_FDS = 8
 TIOCSPTLCK = 0x40045431
@@ -63,6 +63,14 @@ def serve(spec: RunSpec, ctl: socket.socket, report, cap_last: int, zygote_pair=
     if failure:
         report(ev="setup_failed", step=failure.get("step"), error=failure.get("error"))
         return 1
+    if spec.pooled:
+        report(ev="pooled")
+        try:
+            if not state.await_claim():
+                return 0
+        except Exception as e:  # noqa: BLE001 - fail closed: the session never becomes ready
+            report(ev="setup_failed", step="claim", error=f"{type(e).__name__}: {e}")
+            return 1
     report(ev="ready", landlock=state.landlock)
     while True:
         try:
@@ -102,6 +110,33 @@ class _Init:
         self.pids: dict[str, int] = {}      # call id -> pid (for signals, and to report calls the zygote left)
         self.calls: dict[int, str] = {}     # pid -> call id
         self.masters: dict[str, int] = {}   # call id -> terminal master, sent with call_started
+
+    def await_claim(self) -> bool:
+        """A pooled session sandbox, built up to its zygote, waits for the session that claims it: that
+        session's spec (same uid and sandbox_key, checked here too) replaces the template's, its files are
+        written as root into the fresh /work (no call has run yet), and the zygote gets the spec for the calls'
+        rlimits. False if the launcher drained it instead."""
+        msg, fds = _recv(self.ctl)
+        if not msg:
+            return False
+        try:
+            if msg.get("op") != "claim" or len(fds) != 1:
+                raise ValueError(f"expected a claim with 1 fd, got {msg.get('op')!r} with {len(fds)}")
+            os.lseek(fds[0], 0, os.SEEK_SET)
+            spec = RunSpec.from_json(_read_all(fds[0]))
+            template = self.spec
+            if (not spec.session or spec.pooled or (spec.uid, spec.gid) != (template.uid, template.gid)
+                    or sandbox_key(spec) != sandbox_key(template) or spec.landlock_min_abi != template.landlock_min_abi):
+                raise ValueError("the session does not fit this pooled sandbox")
+            rootfs.write_files(spec, spec.workdir)
+            self.spec = spec
+            _send(self.zygote_sock, [fds[0]], op="spec")
+            answer, _ = _recv(self.zygote_sock)
+            if answer.get("ev") != "spec":
+                raise RuntimeError(f"the zygote did not take the session's spec: {answer}")
+        finally:
+            _close(fds)
+        return True
 
     def spawn_zygote(self, pair=None) -> dict | None:
         ours, theirs = pair or socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -258,6 +293,19 @@ def _zygote(spec: RunSpec, sock: socket.socket, cap_last: int) -> None:
                 if not msg:
                     code = 0
                     break
+                if msg.get("op") == "spec":  # a pooled session's, once: init checked it fits
+                    try:
+                        os.lseek(fds[0], 0, os.SEEK_SET)
+                        new = RunSpec.from_json(_read_all(fds[0]))
+                        if not spec.pooled or (new.uid, new.gid) != (spec.uid, spec.gid):
+                            raise ValueError("not a pooled zygote, or another uid")
+                        spec = new
+                        _send(sock, ev="spec")
+                    except Exception as e:  # noqa: BLE001
+                        _send(sock, ev="setup_failed", step="spec", error=f"{type(e).__name__}: {e}")
+                    finally:
+                        _close(fds)
+                    continue
                 try:
                     _fork_call(spec, sock, msg, fds, calls, cap_last, oom)
                 except Exception as e:  # noqa: BLE001

@@ -148,12 +148,23 @@ class SessionHandle(RunHandle):
 
 def _sealed_memfd(name: str, data: bytes) -> int:
     fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
+    fill_and_seal(fd, data)
+    return fd
+
+
+def stdin_memfd() -> int:
+    """An empty stdin memfd, as a run's is before fill_and_seal: a prestarted interpreter holds it from its
+    start, and the daemon fills it for the run that claims it (the same file the cold path hands a run)."""
+    return os.memfd_create("sandboxd-stdin", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+
+
+def fill_and_seal(fd: int, data: bytes) -> None:
+    """Write `data` at offset 0, leave the offset at 0 and seal the file: nobody can change it from here on."""
+    view, offset = memoryview(data), 0
+    while offset < len(view):
+        offset += os.pwrite(fd, view[offset:], offset)
     os.lseek(fd, 0, os.SEEK_SET)
     fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL)
-    return fd
 
 
 class Launcher:
@@ -270,24 +281,38 @@ class Launcher:
         return await self._hand_over(RunHandle(self, spec.run_id), "start", memfds,
                                      [stdout_w, stderr_w] + ([collect_w] if collect_w >= 0 else []))
 
-    async def prepare(self, spec: RunSpec) -> RunHandle:
+    async def prepare(self, spec: RunSpec, stdio: tuple[int, int, int] | None = None) -> RunHandle:
         """Build a pooled sandbox (spec.pooled): `started` resolves once it waits for its run, `finished` if it
-        ends unclaimed (drained, or its build failed)."""
+        ends unclaimed (drained, or its build failed). A prestarted one (spec.prestart) takes its interpreter's
+        stdin memfd and stdout, stderr write ends (the caller keeps and closes them)."""
         self._check_alive()
         return await self._hand_over(RunHandle(self, spec.run_id), "prepare",
-                                     [_sealed_memfd("sandboxd-spec", spec.to_json())])
+                                     [_sealed_memfd("sandboxd-spec", spec.to_json())], list(stdio or ()))
 
     async def claim(self, pooled: RunHandle, spec: RunSpec, stdin: bytes, stdout_w: int, stderr_w: int,
                     collect_w: int = -1) -> RunHandle:
         """Hand a run to the pooled sandbox of `pooled` (same contract as run()). From here on the launcher
-        reports under the run's id; the pooled handle never resolves again."""
+        reports under the run's id; the pooled handle never resolves again. A run using the prestarted
+        interpreter (spec.prestart) has its stdio already (pool.Prestarted): stdin and the pipes are not sent."""
         self._check_alive()
         if self.runs.get(pooled.run_id) is pooled:
             del self.runs[pooled.run_id]
-        memfds = [_sealed_memfd("sandboxd-spec", spec.to_json()), _sealed_memfd("sandboxd-stdin", stdin)]
+        memfds = [_sealed_memfd("sandboxd-spec", spec.to_json())]
+        stdio = []
+        if not spec.prestart:
+            memfds.append(_sealed_memfd("sandboxd-stdin", stdin))
+            stdio = [stdout_w, stderr_w]
         return await self._hand_over(RunHandle(self, spec.run_id), "claim", memfds,
-                                     [stdout_w, stderr_w] + ([collect_w] if collect_w >= 0 else []),
-                                     pool_id=pooled.run_id)
+                                     stdio + ([collect_w] if collect_w >= 0 else []), pool_id=pooled.run_id)
+
+    async def claim_session(self, pooled: RunHandle, spec: RunSpec) -> SessionHandle:
+        """Hand a session (spec.session) to a pooled session sandbox: its init takes the session's spec and
+        files and reports ready (`started`); from then on it is that session under its id."""
+        self._check_alive()
+        if self.runs.get(pooled.run_id) is pooled:
+            del self.runs[pooled.run_id]
+        return await self._hand_over(SessionHandle(self, spec.run_id), "claim",
+                                     [_sealed_memfd("sandboxd-spec", spec.to_json())], pool_id=pooled.run_id)
 
     def _on_readable(self) -> None:
         while self.sock is not None:

@@ -32,6 +32,21 @@ def plan(limits: Limits) -> list[tuple[int, int, int]]:
     ]
 
 
+def changes(current: Limits, wanted: Limits) -> list[tuple[int, int, int]] | None:
+    """The rlimits to set on a process started with `current` so it has exactly `wanted`'s, or None if that
+    would raise one (raising a hard limit needs CAP_SYS_RESOURCE, and a prestarted interpreter must never have
+    more than its run's). RLIMIT_STACK must already be equal: it shapes the process at execve only."""
+    now = {which: (soft, hard) for which, soft, hard in plan(current)}
+    out = []
+    for which, soft, hard in plan(wanted):
+        if (soft, hard) == now[which]:
+            continue
+        if which == resource.RLIMIT_STACK or soft > now[which][0] or hard > now[which][1]:
+            return None
+        out.append((which, soft, hard))
+    return out
+
+
 def apply(limits: Limits) -> None:
     for which, soft, hard in plan(limits):
         resource.setrlimit(which, (soft, hard))

@@ -114,6 +114,10 @@ class RunSpec:
     # The warm pool: a sandbox built ahead of time (everything up to the root filesystem) whose init waits for
     # the one run it will serve; that run's spec must have the same sandbox_key and uid (launcher and init check).
     pooled: bool = False
+    # A pooled template: start the interpreter now, waiting on a FIFO at workdir/<prestart> for its script
+    # (child._prestart). A claiming run: use that interpreter; its argv, env and stack limit must be the
+    # template's (the launcher and init check), as an interpreter already started cannot take others.
+    prestart: str = ""
 
     def to_json(self) -> bytes:
         return json.dumps(_encode(dataclasses.asdict(self))).encode()
@@ -134,7 +138,8 @@ class RunSpec:
             egress=Egress(**{k: tuple(v) if isinstance(v, list) else v for k, v in d["egress"].items()})
             if d.get("egress") else None,
             **{k: d[k] for k in ("workdir", "hostname", "uid", "gid", "user", "network", "stop_on_output_limit",
-                                 "session", "lifetime", "collect_max", "landlock_min_abi", "pooled") if k in d},
+                                 "session", "lifetime", "collect_max", "landlock_min_abi", "pooled", "prestart")
+               if k in d},
         )
 
     def summary(self) -> dict:
@@ -158,6 +163,23 @@ def sandbox_key(spec: RunSpec) -> tuple:
     lim = spec.limits
     return (spec.image, spec.hostname, spec.user, spec.workdir, spec.network, spec.egress, spec.session,
             spec.support_files, lim.tmp_size, lim.tmp_inodes, lim.work_size, lim.work_inodes)
+
+
+# The largest script a prestarted interpreter takes: the FIFO's buffer (F_SETPIPE_SZ), so init's write never waits
+# on the interpreter. A larger script takes the pooled sandbox without its interpreter.
+PRESTART_MAX_SCRIPT = 1 << 20
+
+
+def prestart_key(spec: RunSpec) -> tuple:
+    """What a prestarted interpreter fixed when it was exec'd: its command line and environment, the seccomp
+    program and Landlock floor it runs under, and the stack limit (read at execve only). A run uses the
+    interpreter only if its key equals the template's; every other rlimit is set on it again at the claim."""
+    return (spec.argv, spec.env, spec.seccomp, spec.landlock_min_abi, spec.limits.stack, spec.workdir)
+
+
+def prestart_script(spec: RunSpec) -> bytes | None:
+    """The data of the run's script (the file named by spec.prestart), or None if there is none."""
+    return next((f.data for f in spec.files if f.path == spec.prestart), None)
 
 
 def _sha(data: bytes) -> str:

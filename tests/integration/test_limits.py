@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import procs_with_uids
+from conftest import run_procs
 from sandboxd.client import SandboxdError
 
 pytestmark = pytest.mark.cgroup2
@@ -71,7 +71,7 @@ def test_daemonized_descendant_does_not_outlive_the_run(sandbox, daemon):
             "time.sleep(0.2)\nprint('parent done')")
     r = sandbox.run(code)
     assert (r.outcome, r.stdout) == ("exited", b"parent done\n")
-    assert not procs_with_uids(daemon.uid_start, daemon.uid_start + daemon.uid_count)
+    assert not run_procs(daemon.uid_start, daemon.uid_start + daemon.uid_count)
 
 
 def test_closing_stdout_and_running_on_still_times_out(sandbox):

@@ -7,6 +7,7 @@ the pooled run's record must say it was served by the pool, so the comparison is
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import pathlib
 import re
@@ -73,7 +74,10 @@ CASES = {
                          "print(os.statvfs('/work').f_blocks * os.statvfs('/work').f_frsize, "
                          "os.statvfs('/tmp').f_files)",
                          {}),
-    "output_cap": ("import sys\nsys.stdout.write('x' * 3000000)\nsys.stderr.write('y' * 10)", {"output": 1000}),
+    # The kill at the cap lands while the writer may still be in its one big write (a pipe_write that never has
+    # to wait checks no signal), so what follows it waits a while: otherwise it is a race, cold or warm.
+    "output_cap": ("import sys, time\nsys.stdout.write('x' * 3000000)\ntime.sleep(5)\nsys.stderr.write('y' * 10)",
+                   {"output": 1000}),
     "timeout": ("import time\nprint('start', flush=True)\ntime.sleep(30)", {"wall_time": 1}),
     "memory_limit": ("x = bytearray(200 << 20)\nprint('unreachable')", {"memory": 64 * MiB}),
     "pids_limit": ("import os, time\nkids = 0\ntry:\n    for _ in range(64):\n"
@@ -90,10 +94,10 @@ def metric(d, name: str) -> float:
     return float(m.group(1)) if m else 0.0
 
 
-def pooled_of(d, run_id: str) -> bool | None:
+def pooled_of(d, run_id: str, key: str = "pooled") -> bool | None:
     s = store_mod.Store(str(d.state_dir / "sandboxd.db"))
     try:
-        return s.get_run(run_id).get("pooled")
+        return s.get_run(run_id).get(key)
     finally:
         s.close()
 
@@ -116,6 +120,9 @@ def both_ways(daemon, pooled_daemon, code: str, runner: str = "python", **kw):
         warm = c.run(code, runner, **kw)
     assert pooled_of(pooled_daemon, warm.run_id) is True, "the pooled daemon ran it cold"
     assert pooled_of(daemon, cold.run_id) is False
+    # The python runner's interpreter is prestarted; a run with args or env of its own gets a fresh one.
+    prestarted = runner == "python" and not kw.get("args") and not kw.get("env")
+    assert pooled_of(pooled_daemon, warm.run_id, "prestarted") is prestarted
     for field in ("outcome", "exit_code", "signal", "stdout", "stderr", "stdout_truncated", "stderr_truncated"):
         assert getattr(warm, field) == getattr(cold, field), (field, cold, warm)
     for stream in ("stdout", "stderr"):  # past a cap, what was written before the kill landed is a race, cold or not
@@ -184,7 +191,7 @@ def test_a_pooled_sandbox_serves_one_run_only(pooled_daemon):
 
 
 def test_reload_drains_and_rebuilds_the_pool(start_daemon):
-    d = start_daemon("[pool]\nrunners = { python = 2 }\n", pool=True)
+    d = start_daemon("[pool]\nrunners = { python = 2 }\nsessions = {}\n", pool=True)
     wait_ready(d, 2)
 
     def pooled() -> list[str]:
@@ -211,3 +218,80 @@ def test_reload_drains_and_rebuilds_the_pool(start_daemon):
         assert time.monotonic() < deadline, d.log()[-3000:]
         time.sleep(0.05)
     assert metric(d, 'sandboxd_pool_ready{runner="python"}') == 0
+
+
+# -- sessions from the pool ------------------------------------------------------------------------------------
+SESSION_PROBE = r"""
+import json, os, resource, pwd, re
+out = {
+    "ids": [os.getuid(), os.getgid(), os.getgroups(), pwd.getpwuid(os.getuid()).pw_name],
+    "cwd": os.getcwd(), "files": sorted(os.listdir(".")), "data": open("in/a.txt").read(),
+    "rlimits": sorted((n, resource.getrlimit(getattr(resource, n))) for n in dir(resource) if n.startswith("RLIMIT_")),
+    "status": [l for l in open("/proc/self/status") if l.startswith(("NoNewPrivs", "Seccomp", "Cap", "Threads"))],
+    "fds": sorted(os.listdir("/proc/self/fd")),
+    "mounts": [re.sub(r"size=\d+k|[ug]id=\d+", "", " ".join(l.split()[4:6] + l.split()[-3:]))
+               for l in open("/proc/self/mountinfo")],
+    "env": sorted(k for k in os.environ),
+    "pids": sorted(int(p) for p in os.listdir("/proc") if p.isdigit()),
+}
+print(json.dumps(out, sort_keys=True))
+"""
+
+
+def session_probe(d, **kw) -> tuple[dict, str]:
+    with d.client() as c, c.session("python", files={"in/a.txt": b"hello", "probe.py": SESSION_PROBE},
+                                    **kw) as s:
+        r = s.exec(["python3", "-I", "probe.py"])
+        assert r.exit_code == 0, r
+        assert s.run_code("6 * 7").results[0]["text/plain"] == "42"
+        sid = s.id
+    return json.loads(r.stdout), sid
+
+
+def session_pooled(d, sid: str) -> bool | None:
+    return pooled_of(d, sid)
+
+
+def wait_session_ready(d, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while metric(d, 'sandboxd_pool_sessions_ready{runner="python"}') < 1:
+        assert time.monotonic() < deadline, d.log()[-3000:]
+        time.sleep(0.02)
+
+
+def test_a_pooled_session_is_indistinguishable_from_a_cold_one(daemon, start_daemon):
+    """The same probe in a cold session and in one that claimed a pooled sandbox: identity, working directory
+    and files, rlimits (the session's own pids limit, not the template's), seccomp and capabilities, open fds,
+    mounts, environment names and the processes it can see must all be the same."""
+    if daemon.pool:
+        pytest.skip("SANDBOXD_TEST_POOL=1: the shared daemon is pooled too, there is no cold reference")
+    d = start_daemon("[pool]\nrunners = {}\nsessions = { python = 1 }\n", pool=True)
+    wait_session_ready(d)
+    cold, cold_id = session_probe(daemon, pids=24, memory=96 * MiB, env={"APP_X": "1"})
+    warm, warm_id = session_probe(d, pids=24, memory=96 * MiB, env={"APP_X": "1"})
+    assert session_pooled(daemon, cold_id) is False and session_pooled(d, warm_id) is True
+    for probe in (cold, warm):
+        probe["ids"] = probe["ids"][2:]          # uids differ per sandbox by design
+    assert warm == cold
+    assert ["RLIMIT_NPROC", [24, 24]] in warm["rlimits"]
+    assert metric(d, 'sandboxd_pool_session_claims_total{result="hit",runner="python"}') == 1
+
+
+def test_a_pooled_session_has_its_own_limits_and_the_pool_refills(start_daemon):
+    d = start_daemon("[pool]\nrunners = {}\nsessions = { python = 1 }\n", pool=True)
+    wait_session_ready(d)
+    with d.client() as c, c.session("python", memory=48 * MiB, wall_time=5) as s:
+        big = s.exec(["python3", "-c", "b = bytearray(96 << 20)\nfor i in range(0, len(b), 4096): b[i] = 1"])
+        assert big.outcome == "memory_limit", big
+        assert s.exec("echo still here").stdout == b"still here\n"
+        sid = s.id
+    assert session_pooled(d, sid) is True
+    wait_session_ready(d)
+    # A session the template cannot serve (a smaller /tmp through its runner's limits is not requestable,
+    # but a memory limit below what a claim can safely set is) is built cold.
+    with d.client() as c, c.session("python", memory=16 * MiB) as s:
+        assert s.exec("true").exit_code == 0
+        sid = s.id
+    assert session_pooled(d, sid) is False
+    assert metric(d, 'sandboxd_pool_session_claims_total{result="miss",runner="python"}') == 1
+    assert not d.wait_no_leftovers()

@@ -40,6 +40,7 @@ _root_spec = importlib.util.spec_from_file_location(
 _root = importlib.util.module_from_spec(_root_spec)
 _root_spec.loader.exec_module(_root)
 ROOT, find_cgroup_dirs, procs_with_uids = _root.ROOT, _root.find_cgroup_dirs, _root.procs_with_uids
+run_procs = _root.run_procs
 Daemon, _check_stopped = _root.Daemon, _root._check_stopped
 
 if os.uname().machine != "x86_64":  # syscall numbers and machine code below are x86_64
@@ -185,9 +186,9 @@ class SessionClient:
 @pytest.fixture
 def daemon(request, daemon):
     """The daemon the case's `sandbox` runs on, so a case that also checks the daemon (its processes, its
-    directories) checks that one: in the pooled mode, the daemon whose pool is on."""
+    directories) checks that one: in the pooled and session modes, the daemon whose pool is on."""
     callspec = getattr(request.node, "callspec", None)
-    if callspec is not None and callspec.params.get("sandbox") == "pooled":
+    if callspec is not None and callspec.params.get("sandbox") in ("pooled", "session"):
         return request.getfixturevalue("pooled_daemon")
     return daemon
 
@@ -195,7 +196,9 @@ def daemon(request, daemon):
 @pytest.fixture(params=["oneshot", "session", pytest.param("pooled", marks=pytest.mark.pooled)])
 def sandbox(request, daemon):
     """The battery runs three times: each script as a one-shot run, as a command in a session, and as a one-shot
-    run on a daemon whose warm pool is on (python runs claim a sandbox built ahead of time; see test_pool.py)."""
+    run on a daemon whose warm pool is on (python runs claim a sandbox built ahead of time, its interpreter
+    already started; see test_pool.py). Sessions run on that daemon too, so they claim pooled session sandboxes
+    when one is ready (and are built cold otherwise; tests/integration/test_sessions.py runs them cold)."""
     with (SessionClient if request.param == "session" else Client)(daemon.target) as c:
         yield c
     left = daemon.wait_no_leftovers()
