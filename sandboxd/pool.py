@@ -47,6 +47,7 @@ from .sandbox.spec import PRESTART_MAX_SCRIPT, RunSpec, prestart_key, prestart_s
 log = logging.getLogger("sandboxd.pool")
 BACKOFF = 5.0        # seconds before a runner whose build failed is tried again
 BUILD_TIMEOUT = 60.0
+REFILL_DELAY = 0.5   # seconds after a claim at most before the pool starts its replacement
 # A claim sets the run's own memory limit on the pooled cgroup, which already holds init (~10 MiB of Python);
 # a limit this close to that takes the cold path, where the limit is in place before anything joins.
 MIN_CLAIM_MEMORY = 32 << 20
@@ -157,7 +158,9 @@ class Pool:
         if hit is not None:
             hit.claimed = True
         self._gauge((runner, kind))
-        self.refill()
+        # Not now: a build costs ~20 ms of CPU, which on a small machine the claiming request would share.
+        # The run's end (Supervisor) or the session's start refills; this timer only bounds the wait.
+        asyncio.get_running_loop().call_later(REFILL_DELAY, self.refill)
         return hit
 
     def memory(self) -> int:

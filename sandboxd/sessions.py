@@ -44,6 +44,7 @@ log = logging.getLogger("sandboxd.sessions")
 CONTEXT_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}\Z")
 KERNEL_PATH = "/.sandboxd/python_kernel.py"
 REPORT_MAX = 64 << 20       # bytes of one cell's report (rich results can be images)
+REFILL_AFTER_CREATE = 0.3   # seconds between a session's claim of a pooled sandbox and the pool's replacement
 CLOSED_KEPT = 4096          # closed sessions remembered in memory for their NOT_FOUND message
 
 
@@ -210,6 +211,8 @@ class SessionManager:
             raise SetupFailed(f"the session's sandbox could not be started: {fin.setup_error}")
         session.handle.finished.add_done_callback(lambda f: asyncio.ensure_future(self._lost(session, f)))
         session.state = "ready"
+        if session.pooled:  # a little later, so the build does not share the CPU with this session's answer
+            asyncio.get_running_loop().call_later(REFILL_AFTER_CREATE, d.pool.refill)
         d.metrics.session_opened(session.runner.name)
         if tar:
             try:

@@ -179,6 +179,9 @@ class ActiveRun:
             self.queue.get_nowait()
 
 
+REFILL_AFTER_RUN = 0.02   # seconds: a pooled run's replacement starts after its result and record, not before
+
+
 class Supervisor:
     def __init__(self, launcher: Launcher, uids: UidPool, egress=None, pool=None):
         self.launcher, self.uids, self.egress, self.pool = launcher, uids, egress, pool
@@ -286,6 +289,8 @@ class Supervisor:
         finally:
             self.active.pop(spec.run_id, None)
             self.uids.give_back(spec.uid, fin.clean)
+            if run.pooled and self.pool is not None:  # once this run's answer is on its way (below)
+                asyncio.get_running_loop().call_later(REFILL_AFTER_RUN, self.pool.refill)
         egress = None
         if run.egress is not None:  # every connection's record is written before the run's own
             egress = await run.egress.close()
