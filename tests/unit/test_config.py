@@ -438,6 +438,12 @@ def test_pool_section():
     assert (cfg.pool.size_of("python"), cfg.pool.size_of("sh"), cfg.pool.size_of("node")) == (4, 0, 1)
     assert (cfg.pool.max_total, cfg.pool.refill_concurrency) == (3, 2)
     assert parse("[pool]\nrunners = {}\n", "f").pool.size_of("python") == 0
+    assert Config().pool.sessions_of("python") == 1 and Config().pool.sessions_of("sh") == 0
+    cfg = parse("[pool]\nsessions = { python = 3 }\n", "f")
+    assert (cfg.pool.sessions_of("python"), cfg.pool.size_of("python")) == (3, 2)
+    assert parse("[pool]\nsessions = {}\n", "f").pool.sessions_of("python") == 0
+    with pytest.raises(ConfigError, match=r"pool\.sessions\.python"):
+        parse("[pool]\nsessions = { python = -2 }\n", "f")
     for bad, key in (("runners = { python = -1 }", "pool.runners.python"), ("refill_concurrency = 0",
                      "pool.refill_concurrency"), ("sizes = 2", "pool.sizes"), ("size = true", "pool.size")):
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

@@ -7,9 +7,9 @@ import math
 
 import pytest
 
-from sandboxd.config import DEFAULT_MAX
+from sandboxd.config import DEFAULT_MAX, Policy
 from sandboxd.errors import InvalidRequest, NotFound, TooLarge, Unavailable
-from sandboxd.policy import MAX_ARGS, MAX_FILES, MAX_PATH_DEPTH, RunRequest, plan_run, resolve_limits
+from sandboxd.policy import MAX_ARGS, MAX_FILES, MAX_PATH_DEPTH, RunRequest, plan_run, plan_session, resolve_limits
 from sandboxd.runners import Runner
 from sandboxd.sandbox.spec import File, ImageSpec, Limits, RunSpec, SeccompProgram
 
@@ -327,3 +327,36 @@ def test_a_default_run_fits_its_runners_pooled_template():
     assert sandbox_key(spec) == sandbox_key(tmpl)
     assert sandbox_key(dc.replace(spec, limits=dc.replace(spec.limits, tmp_size=1 << 20))) != sandbox_key(tmpl)
     assert sandbox_key(dc.replace(spec, network="egress", egress=Egress("p"))) != sandbox_key(tmpl)
+
+
+def test_a_default_run_fits_a_prestarted_interpreter_and_one_with_args_or_env_does_not():
+    """A prestart runner's template carries the argv and env of a run without args or env of its own, and the
+    highest rlimits a request may ask for (they can only be lowered at the claim): such a run fits it
+    (prestart_key equal, rlimits lowerable); args, env of its own or a higher limit do not."""
+    import dataclasses as dc
+    from sandboxd.policy import plan_pooled
+    from sandboxd.sandbox import rlimits
+    from sandboxd.sandbox.spec import prestart_key, prestart_script
+    runner = _runner(prestart=True)
+    tmpl = plan_pooled(runner, IMAGES, SECCOMP, "pool")
+    assert tmpl.prestart == "main.py" and tmpl.argv == ("/usr/bin/python3", "-I", "/work/main.py", "--")
+    assert (tmpl.limits.cpu_time, tmpl.limits.pids) == (MAXIMA.cpu_time, MAXIMA.pids)
+    spec, _ = _plan(_req(limits={"pids": 8, "cpu_time": 1}), runners={"py": runner})
+    assert prestart_key(spec) == prestart_key(tmpl) and prestart_script(dc.replace(spec, prestart="main.py"))
+    lower = rlimits.changes(tmpl.limits, spec.limits)
+    assert lower is not None and {w for w, _, _ in lower} >= {rlimits.resource.RLIMIT_NPROC, rlimits.resource.RLIMIT_CPU}
+    for other in (_req(args=("x",)), _req(env=(("LANG", "C"),))):
+        assert prestart_key(_plan(other, runners={"py": runner})[0]) != prestart_key(tmpl)
+    assert rlimits.changes(spec.limits, tmpl.limits) is None        # raising is never planned
+    assert rlimits.changes(tmpl.limits, dc.replace(tmpl.limits, stack=1 << 20)) is None
+    assert plan_pooled(_runner(), IMAGES, SECCOMP, "pool").prestart == ""
+
+
+def test_a_default_session_fits_its_runners_pooled_session_template():
+    from sandboxd.policy import plan_pooled_session
+    from sandboxd.sandbox.spec import sandbox_key
+    tmpl = plan_pooled_session(RUNNERS["py"], IMAGES, SECCOMP, "pool", ())
+    assert tmpl.session and tmpl.pooled and tmpl.files == ()
+    spec = plan_session("py", RUNNERS, IMAGES, SECCOMP, "s-1", {"memory": 64 << 20}, Policy(name="p", principals=("*",)), 60.0,
+                        (("a.txt", b"x"),), (), MAXREQ)
+    assert sandbox_key(spec) == sandbox_key(tmpl)
