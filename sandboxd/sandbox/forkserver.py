@@ -293,7 +293,6 @@ class ForkServer:
         on_control). From then on it is an ordinary one-shot run."""
         pool_id, run_id = str(msg.get("pool_id", "")), str(msg.get("run_id", ""))
         run = self.runs.get(pool_id)
-        relimited = False
         try:
             if run is None or not run.spec.pooled or run.ctl is None or run.kill_reason is not None:
                 raise ValueError(f"pooled sandbox {pool_id!r} is gone")
@@ -310,13 +309,15 @@ class ForkServer:
                 raise ValueError("the run does not fit the prestarted interpreter (argv, env, seccomp or stack differ)")
             limits = cgroups.CgroupLimits(spec.limits.memory, spec.limits.pids, spec.limits.cpus)
             if limits != cgroups.CgroupLimits(run.spec.limits.memory, run.spec.limits.pids, run.spec.limits.cpus):
-                relimited = True
                 self.driver.relimit(run.cgroup, limits)
         except Exception as e:  # noqa: BLE001 - the run fails closed
-            # Nothing has ever run with the pooled sandbox's uid (its init is root), so the uid is free again.
+            # The daemon took that sandbox out of its pool, so nobody else will claim it: it goes. Its uid is
+            # free again at once unless a prestarted interpreter runs as that uid (it is dying meanwhile); init
+            # and a session's zygote are root.
+            pooled = run is not None and run.spec.pooled
             self.send(ev="finished", run_id=run_id, setup_error=f"launcher: pool: {type(e).__name__}: {e}",
-                      clean=True)
-            if relimited:  # half set limits: that sandbox serves nobody
+                      clean=not (pooled and run.spec.prestart))
+            if pooled:
                 self.handle_kill(pool_id, "cancelled")
             return
         del self.runs[pool_id]

@@ -295,3 +295,61 @@ def test_a_pooled_session_has_its_own_limits_and_the_pool_refills(start_daemon):
     assert session_pooled(d, sid) is False
     assert metric(d, 'sandboxd_pool_session_claims_total{result="miss",runner="python"}') == 1
     assert not d.wait_no_leftovers()
+
+
+def test_a_claim_the_prestarted_interpreter_cannot_take_fails_closed(start_daemon):
+    """The launcher and init check a claim again, whatever the daemon decided: a spec that asks for the
+    prestarted interpreter with another command line is refused by the launcher, one with a higher rlimit than
+    the interpreter has by init; each run ends setup_failed, its sandbox is destroyed with its interpreter, and
+    the uid of a refused interpreter is reported not clean (its process may still be dying)."""
+    import asyncio
+    import dataclasses
+
+    from conftest import procs_with_uids, run_procs
+    from sandboxd import config as config_mod
+    from sandboxd.policy import RunRequest, plan_pooled, plan_run
+    from sandboxd.sandbox.launcher import Launcher, stdin_memfd
+    from sandboxd.state import build_catalog
+
+    d = start_daemon()
+    cat = build_catalog(config_mod.load(str(d.config_path)))
+    runner = cat.runners["python"]
+    assert runner.prestart
+
+    async def attempt(i: int, change) -> tuple:
+        uid = d.uid_start + d.uid_count - 1 - i
+        launcher = Launcher(str(d.workdir / f"staging-{i}"), cgroup_parent_name=f"{d.parent_name}-claims{i}")
+        await launcher.start()
+        fds = []
+        try:
+            tmpl = dataclasses.replace(plan_pooled(runner, cat.images, cat.seccomp, f"pool-{i}"), uid=uid, gid=uid)
+            out_r, out_w = os.pipe2(os.O_CLOEXEC)
+            err_r, err_w = os.pipe2(os.O_CLOEXEC)
+            fds += [out_r, err_r, stdin := stdin_memfd()]
+            pooled = await launcher.prepare(tmpl, (stdin, out_w, err_w))
+            os.close(out_w)
+            os.close(err_w)
+            assert await asyncio.wait_for(pooled.started, 30)
+            # Its interpreter runs, as the sandbox's uid, and the tests' leftover check knows it for a waiting one.
+            assert len(procs_with_uids(uid, uid + 1)) == 1 and not run_procs(uid, uid + 1)
+            spec, _ = plan_run(RunRequest("python", b"print(1)\n"), cat.runners, cat.images, cat.seccomp,
+                               f"claim-{i}", 1 << 24)
+            spec = change(dataclasses.replace(spec, uid=uid, gid=uid, prestart=runner.script))
+            handle = await launcher.claim(pooled, spec, b"", -1, -1)
+            fin = await asyncio.wait_for(handle.finished, 30)
+            return fin, uid
+        finally:
+            await launcher.stop()
+            for fd in fds:
+                os.close(fd)
+
+    wrong_argv = lambda s: dataclasses.replace(s, argv=(*s.argv, "extra"))
+    fin, uid = asyncio.run(attempt(0, wrong_argv))
+    assert fin.setup_error and "prestarted interpreter" in fin.setup_error and fin.clean is False, fin
+    higher = lambda s: dataclasses.replace(s, limits=dataclasses.replace(s.limits, cpu_time=s.limits.cpu_time * 100))
+    fin, uid2 = asyncio.run(attempt(1, higher))
+    assert fin.setup_error and "rlimits" in fin.setup_error and fin.exit_code is None, fin
+    deadline = time.monotonic() + 10
+    while procs_with_uids(uid2, uid + 1) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not procs_with_uids(uid2, uid + 1), "a refused claim left its interpreter running"
