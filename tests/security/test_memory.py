@@ -177,18 +177,23 @@ time.sleep(0.5)
     assert r.outcome == "memory_limit", (r.outcome, f"MiB in sockets, MiB allocated: {r.stdout!r}")
 
 
-def _holds_uid(directory: str, uids: range) -> bool:
+def _holds_probe(directory: str, uids: range) -> bool:
+    """The cgroup holds the probe: a process of a run uid named PROBE_NAME (the run renames itself, so the run's
+    cgroup is told from a warm pool's, whose waiting interpreters have run uids too)."""
     try:
         pids = open(os.path.join(directory, "cgroup.procs")).read().split()
     except OSError:
         return False
     for pid in pids:
         try:
-            if os.stat(f"/proc/{pid}").st_uid in uids:
+            if os.stat(f"/proc/{pid}").st_uid in uids and open(f"/proc/{pid}/comm").read().strip() == PROBE_NAME:
                 return True
         except OSError:
             pass
     return False
+
+
+PROBE_NAME = "swapprobe"
 
 
 def _swap_bound(run_dirs: list[str]) -> dict:
@@ -208,13 +213,14 @@ def test_memory_limit_includes_swap(sandbox, daemon):
     memsw == limit; v2: swap.max 0). On a host without swap the OOM outcome above is the whole story; the files are
     checked anyway, since swap can be added to a host at any time."""
     seen, result = {}, None
-    for event in sandbox.execute(script("print('ready', flush=True)\ntime.sleep(3)"), wall_time=10, memory=LIMIT):
+    code = f"libc.prctl(15, {PROBE_NAME.encode()!r}, 0, 0, 0)\nprint('ready', flush=True)\ntime.sleep(3)"
+    for event in sandbox.execute(script(code), wall_time=10, memory=LIMIT):
         if getattr(event, "stream", None) == "stdout" and not seen:
             deadline = time.monotonic() + 5
             while not seen and time.monotonic() < deadline:
-                # The run's own: with the warm pool on, idle pooled sandboxes have cgroups too (their init is root).
+                # The run's own: with the warm pool on, idle pooled sandboxes have cgroups too.
                 dirs = [os.path.join(p, c) for p in find_cgroup_dirs(daemon.parent_name) for c in os.listdir(p)
-                        if c.startswith("run-") and _holds_uid(os.path.join(p, c), run_uids(daemon))]
+                        if c.startswith("run-") and _holds_probe(os.path.join(p, c), run_uids(daemon))]
                 seen = _swap_bound(dirs)
         elif hasattr(event, "outcome"):
             result = event
