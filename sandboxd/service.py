@@ -147,6 +147,8 @@ class SessionService:
             principal = d.authenticator.authenticate(context)
             record.update(principal=principal.as_record(), auth_method=principal.method, peer=principal.peer)
             self._check_suspended(principal)
+            if d.admission.closed is not None:   # shutting down: no new session either
+                raise d.admission.closed
             allowed = policy.authorize(principal, request.runner, cfg.identity)
             record["policy"] = allowed.name
             if not allowed.sessions:

@@ -175,15 +175,18 @@ async def serve(cfg: config_mod.Config, config_path: str | None = None, override
     # Nothing starts after shutdown began: queued requests (and any still arriving) get UNAVAILABLE, recorded.
     from ..errors import ShuttingDown
     daemon.admission.close(ShuttingDown("sandboxd is shutting down: the run was not started; retry later"))
-    # Stop accepting (new connections and new calls) at once; give running runs the grace period, then stop
-    # them ourselves so their callers still get a result (outcome cancelled) before gRPC closes the calls.
+    # Stop accepting new connections at once (new runs and sessions on open ones are refused: admission is
+    # closed); give running runs the grace period, then stop them ourselves so their callers still get a result
+    # (outcome cancelled). Only then does gRPC send its GOAWAY and close the calls: sent during the grace it let a
+    # caller's connection close under a run that was still going to answer (seen once in CI).
     daemon.proxy.stop_listening()
-    stopping = asyncio.ensure_future(server.stop(grace + 10))
     deadline = loop.time() + grace
     while daemon.supervisor.active and loop.time() < deadline:
         await asyncio.sleep(0.05)
     await daemon.supervisor.cancel_all("shutdown")
-    await stopping
+    while daemon.supervisor.active and loop.time() < deadline + 10:
+        await asyncio.sleep(0.01)
+    await server.stop(10)
     await daemon.proxy.close()
     await daemon.stop()
     if getattr(daemon, "metrics_server", None):
