@@ -163,6 +163,28 @@ class Pool:
         asyncio.get_running_loop().call_later(REFILL_DELAY, self.refill)
         return hit
 
+    def claimable_memory(self, spec: RunSpec) -> int:
+        """The memory reservation of the ready sandbox `spec` (a session's or a run's plan) would claim, or 0."""
+        for (runner, kind), template in self.templates.items():
+            if (kind == (SESSION if spec.session else RUN) and self.ready.get((runner, kind))
+                    and spec.limits.memory >= MIN_CLAIM_MEMORY and sandbox_key(spec) == sandbox_key(template)):
+                return template.limits.memory
+        return 0
+
+    def reclaim(self, needed: int) -> int:
+        """Drain ready sandboxes (run sandboxes first, the newest first) until `needed` bytes of memory
+        reservation are freed or none is left; returns what was freed. The pool refills once there is room."""
+        freed = 0
+        for kind in (RUN, SESSION):
+            for key in [k for k in self.ready if k[1] == kind]:
+                while self.ready[key] and freed < needed:
+                    entry = self.ready[key][-1]
+                    freed += entry.spec.limits.memory
+                    self._drain(entry)
+        if freed:
+            log.info("pool: drained %d bytes of ready sandboxes to make room for a session", freed)
+        return freed
+
     def memory(self) -> int:
         """Bytes of memory limits the pool holds (ready and being built), for the sessions' budget."""
         return sum(e.spec.limits.memory for entries in self.ready.values() for e in entries) + self.building_memory

@@ -169,7 +169,7 @@ class SessionService:
             for name in env:
                 if not runner.allows_session_env(name):
                     raise InvalidRequest(f"env: {name!r} may not be set in runner {runner.name!r}'s sessions")
-            d.sessions.check_room(principal.id, allowed, spec.limits.memory)
+            d.sessions.check_room(principal.id, allowed, spec.limits.memory, spec)
         except SandboxError as err:
             await self._refused("session", sid, record, err, context)
             return

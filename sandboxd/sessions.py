@@ -162,7 +162,7 @@ class SessionManager:
     def live_for(self, principal_id: str) -> int:
         return sum(1 for s in self.sessions.values() if s.principal.id == principal_id and s.state != "closed")
 
-    def check_room(self, principal_id: str, policy, memory: int) -> None:
+    def check_room(self, principal_id: str, policy, memory: int, spec: RunSpec | None = None) -> None:
         cfg = self.d.config.sessions
         live = [s for s in self.sessions.values() if s.state != "closed"]
         if cfg.max_live == 0:
@@ -173,7 +173,11 @@ class SessionManager:
             raise Overloaded(f"principal {principal_id!r} already has {policy.max_sessions} live sessions, the "
                              f"most policy {policy.name!r} allows", retry_after=5.0)
         budget = self.memory_budget()
-        used = self.memory_held() + self.d.pool.memory()
+        # A pooled session sandbox this session will claim turns the pool's reservation into the session's.
+        used = self.memory_held() + self.d.pool.memory() - (self.d.pool.claimable_memory(spec) if spec else 0)
+        if used + memory > budget:
+            # Idle pooled sandboxes yield to a session that would otherwise be refused.
+            used -= self.d.pool.reclaim(used + memory - budget)
         if used + memory > budget:
             raise Overloaded(f"the sessions' memory budget is spent: {used} of {budget} bytes are held by live "
                              f"sessions and the warm pool, and this one asks for {memory}", retry_after=5.0)
@@ -266,6 +270,7 @@ class SessionManager:
         while len(self.closed) > CLOSED_KEPT:
             self.closed.popitem(last=False)
         d.uids.give_back(session.spec.uid, clean)
+        d.pool.refill()   # its memory and uid may be what the pool was waiting for
         if was_live:
             d.metrics.session_closed(session.runner.name, reason, session.closed_at - session.created_at)
         egress = {}

@@ -353,3 +353,17 @@ def test_a_claim_the_prestarted_interpreter_cannot_take_fails_closed(start_daemo
     while procs_with_uids(uid2, uid + 1) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not procs_with_uids(uid2, uid + 1), "a refused claim left its interpreter running"
+
+
+def test_idle_pooled_sandboxes_yield_to_a_session_the_budget_would_refuse(start_daemon):
+    """The pool's reservations count against the sessions' memory budget, but idle ones give way: with two
+    ready sandboxes of 256 MiB and a budget of 600 MiB, a session of 256 MiB drains one instead of being
+    refused, and the pool does not refill past the budget while the session lives."""
+    d = start_daemon('[pool]\nrunners = { python = 2 }\nsessions = {}\n[sessions]\nmemory_budget = "600MiB"\n',
+                     pool=True)
+    wait_ready(d, 2)
+    with d.client() as c, c.session("python", memory=256 * MiB) as s:
+        assert s.exec("true").exit_code == 0
+        time.sleep(1.0)   # past the refill delays: the budget keeps the pool at one
+        assert metric(d, 'sandboxd_pool_ready{runner="python"}') == 1
+    wait_ready(d, 2)
