@@ -29,6 +29,7 @@ execve succeeded.
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -36,11 +37,13 @@ import resource
 import select
 import signal
 import socket
+import time
 
 from . import _fds, _libc, creds, egress, files, init as session_init, landlock, namespaces, rlimits, rootfs, seccomp
 from .spec import PRESTART_MAX_SCRIPT, RunSpec, prestart_key, prestart_script, sandbox_key
 
 SETUP_FAILED = 121
+PRESTART_TIMEOUT = 30.0   # seconds a prestarted interpreter may take to start up and open its script
 # Used after pivot_root (one-shot collection, sessions), when the daemon's Python tree is out of sight: loaded now.
 _PRELOADED = (files,)
 
@@ -218,20 +221,32 @@ def _prestart(template: RunSpec, stdio: tuple[int, int, int], cap_last: int, out
     path = os.path.join(template.workdir, template.prestart)
     os.mkfifo(path, 0o600)
     os.chown(path, template.uid, template.gid)
-    # O_RDWR: opening never blocks, and the interpreter's own open() finds a writer, so it waits in read().
-    fifo = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-    fcntl.fcntl(fifo, fcntl.F_SETPIPE_SZ, PRESTART_MAX_SCRIPT)
     err_r, err_w = os.pipe2(os.O_CLOEXEC)
     main = os.fork()
     if main == 0:
         os.close(err_r)
-        os.close(fifo)
         _payload(template, stdio, err_w, cap_last)
     os.close(err_w)
     failure, applied = _payload_report(_read_all(err_r))
     os.close(err_r)
     if failure:
         raise RuntimeError(f"{failure['step']}: {failure['error']}")
+    # Ready only once the interpreter has opened its script: the claim takes the FIFO off the path, which must
+    # not happen before that open. A writer's non-blocking open succeeds exactly when a reader has the FIFO open
+    # (or waits in open for a writer); the interpreter then waits in read() for the script.
+    deadline = time.monotonic() + PRESTART_TIMEOUT
+    while True:
+        try:
+            fifo = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            break
+        except OSError as e:
+            if e.errno != errno.ENXIO:
+                raise
+        if os.waitpid(main, os.WNOHANG) != (0, 0) or time.monotonic() > deadline:
+            raise RuntimeError(f"the interpreter did not open {path} (it exited, or took over {PRESTART_TIMEOUT}s)")
+        time.sleep(0.001)
+    os.set_blocking(fifo, True)
+    fcntl.fcntl(fifo, fcntl.F_SETPIPE_SZ, PRESTART_MAX_SCRIPT)
     out[:] = [main, fifo, applied]
 
 

@@ -367,3 +367,26 @@ def test_idle_pooled_sandboxes_yield_to_a_session_the_budget_would_refuse(start_
         time.sleep(1.0)   # past the refill delays: the budget keeps the pool at one
         assert metric(d, 'sandboxd_pool_ready{runner="python"}') == 1
     wait_ready(d, 2)
+
+
+def test_a_pooled_sandbox_is_ready_only_once_its_interpreter_holds_its_script(start_daemon):
+    """A claim removes the FIFO from the script's path at once, so the sandbox may count as ready only once its
+    interpreter has opened the FIFO: one still starting up would then find no script (exit 2, "can't open
+    file", seen once in CI). Checked from the host the moment the daemon counts the sandbox ready, and by runs
+    claiming at once."""
+    from conftest import procs_with_uids, waiting_in_pool
+    d = start_daemon("[pool]\nrunners = { python = 1 }\nsessions = {}\n", pool=True)
+    port = re.search(r"metrics http://127\.0\.0\.1:(\d+)", d.log()).group(1)
+    url = f"http://127.0.0.1:{port}/metrics"
+    with d.client() as c:
+        for _ in range(6):
+            deadline = time.monotonic() + 30
+            while 'sandboxd_pool_ready{runner="python"} 1.0' not in urllib.request.urlopen(url, timeout=10).read().decode():
+                assert time.monotonic() < deadline, d.log()[-3000:]
+            waiting = [p for p in procs_with_uids(d.uid_start, d.uid_start + d.uid_count) if waiting_in_pool(p)]
+            assert len(waiting) == 1, waiting
+            fds = [os.readlink(f"/proc/{waiting[0].pid}/fd/{n}") for n in os.listdir(f"/proc/{waiting[0].pid}/fd")]
+            assert "/work/main.py" in fds, fds
+            r = c.run("print(1)")
+            assert (r.outcome, r.exit_code, r.stdout) == ("exited", 0, b"1\n"), (r, r.stderr)
+            assert pooled_of(d, r.run_id, "prestarted") is True
