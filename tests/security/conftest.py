@@ -40,7 +40,7 @@ _root_spec = importlib.util.spec_from_file_location(
 _root = importlib.util.module_from_spec(_root_spec)
 _root_spec.loader.exec_module(_root)
 ROOT, find_cgroup_dirs, procs_with_uids = _root.ROOT, _root.find_cgroup_dirs, _root.procs_with_uids
-run_procs = _root.run_procs
+run_procs, waiting_in_pool = _root.run_procs, _root.waiting_in_pool
 Daemon, _check_stopped = _root.Daemon, _root._check_stopped
 
 if os.uname().machine != "x86_64":  # syscall numbers and machine code below are x86_64
