@@ -148,16 +148,9 @@ def _init(spec: RunSpec, stdio: tuple[int, int, int], status_fd: int, staging: s
             if prestarted:  # a run the interpreter cannot serve (args, env...): a fresh payload instead
                 _step(status_fd, "prestart", _discard, template, *prestarted[:2])
                 _step(status_fd, "claim", rootfs.write_files, spec, spec.workdir)
-        err_r, err_w = os.pipe2(os.O_CLOEXEC)
-        main = os.fork()
-        if main == 0:
-            os.close(err_r)
-            _payload(spec, stdio, err_w, cap_last)
-        os.close(err_w)
+        main, failure, applied = _spawn_payload(spec, stdio, cap_last)
         for fd in stdio:
             os.close(fd)
-        failure, applied = _payload_report(_read_all(err_r))
-        os.close(err_r)
         if failure:
             _report(status_fd, ev="setup_failed", **failure)
         else:
@@ -221,14 +214,7 @@ def _prestart(template: RunSpec, stdio: tuple[int, int, int], cap_last: int, out
     path = os.path.join(template.workdir, template.prestart)
     os.mkfifo(path, 0o600)
     os.chown(path, template.uid, template.gid)
-    err_r, err_w = os.pipe2(os.O_CLOEXEC)
-    main = os.fork()
-    if main == 0:
-        os.close(err_r)
-        _payload(template, stdio, err_w, cap_last)
-    os.close(err_w)
-    failure, applied = _payload_report(_read_all(err_r))
-    os.close(err_r)
+    main, failure, applied = _spawn_payload(template, stdio, cap_last)
     if failure:
         raise RuntimeError(f"{failure['step']}: {failure['error']}")
     # Ready only once the interpreter has opened its script: the claim takes the FIFO off the path, which must
@@ -387,6 +373,19 @@ def _payload(spec: RunSpec, stdio: tuple[int, int, int], err_w: int, cap_last: i
             os.write(err_w, json.dumps({"step": step, "error": f"{type(e).__name__}: {e}"[:3000]}).encode() + b"\n")
         finally:
             os._exit(127)
+
+
+def _spawn_payload(spec: RunSpec, stdio: tuple[int, int, int], cap_last: int) -> tuple[int, dict | None, dict]:
+    """Fork the payload and wait for its execve (or its failure): (pid, failure or None, what it applied)."""
+    err_r, err_w = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:
+        os.close(err_r)
+        _payload(spec, stdio, err_w, cap_last)
+    os.close(err_w)
+    failure, applied = _payload_report(_read_all(err_r))
+    os.close(err_r)
+    return pid, failure, applied
 
 
 def _payload_report(data: bytes) -> tuple[dict | None, dict]:
